@@ -1,0 +1,1 @@
+"""User-facing services: the training driver, the CLI and the job API."""

@@ -1,0 +1,144 @@
+"""Question datasets: loading and the deterministic order a run reads them in.
+
+Loads jsonl files, parquet files and Hugging Face dataset directories (saved
+with ``save_to_disk``) into ``Question`` rows, with configurable prompt and
+answer fields. ``DataCursor`` hands out batches in a seeded shuffle, one
+permutation per epoch, and its position is part of every checkpoint so that a
+resumed run reads exactly the questions the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Question:
+    prompt: str | list[dict[str, str]]
+    """Text, or chat messages when the chat template is on."""
+    reference: str
+    index: int
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a .jsonl or .parquet file, or of a saved Hugging Face dataset directory."""
+    source = Path(path)
+    if not source.exists():
+        raise DataError(f"dataset {source} does not exist; check data.train / data.eval")
+    if source.is_dir():
+        return _load_hf_directory(source)
+    if source.suffix == ".jsonl":
+        return _load_jsonl(source)
+    if source.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(source).to_pylist()
+    raise DataError(
+        f"dataset {source}: unsupported format {source.suffix!r}; use .jsonl, .parquet "
+        "or a directory written by datasets.Dataset.save_to_disk"
+    )
+
+
+def _load_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    return rows
+
+
+def _load_hf_directory(path: Path) -> list[dict[str, Any]]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"dataset {path} has splits {list(loaded)}; point at one split")
+        loaded = loaded["train"]
+    return loaded.to_list()
+
+
+def load_questions(
+    path: str | Path,
+    *,
+    prompt_field: str,
+    answer_field: str,
+    chat_template: bool = False,
+    system_prompt: str | None = None,
+    limit: int | None = None,
+) -> list[Question]:
+    """Questions of a dataset, checking that every row has the configured fields."""
+    rows = load_rows(path)
+    if not rows:
+        raise DataError(f"dataset {path} is empty")
+    for field, setting in ((prompt_field, "prompt_field"), (answer_field, "answer_field")):
+        if field not in rows[0]:
+            raise DataError(
+                f"dataset {path} has no field {field!r} (data.{setting}); "
+                f"its fields are {sorted(rows[0])}"
+            )
+    chosen = rows[:limit] if limit else rows
+    return [
+        Question(
+            _prompt(str(row[prompt_field]), chat_template, system_prompt),
+            str(row[answer_field]),
+            index,
+        )
+        for index, row in enumerate(chosen)
+    ]
+
+
+def _prompt(text: str, chat: bool, system_prompt: str | None) -> str | list[dict[str, str]]:
+    if not chat:
+        return text
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*messages, {"role": "user", "content": text}]
+
+
+class DataCursor:
+    """Seeded, epoch-wise shuffled batches of questions; resumable from ``state()``."""
+
+    def __init__(self, questions: list[Question], seed: int) -> None:
+        if not questions:
+            raise DataError("no training questions")
+        self.questions = questions
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.questions)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def next_batch(self, size: int) -> list[Question]:
+        batch = []
+        while len(batch) < size:
+            if self.position == len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation(self.epoch)
+            batch.append(self.questions[self._order[self.position]])
+            self.position += 1
+        return batch
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)

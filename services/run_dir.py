@@ -1,0 +1,163 @@
+"""The run directory (``output.dir``): what a training run leaves behind.
+
+Owns the layout of DESIGN.md — ``config.json``, ``metrics.jsonl``,
+``samples.jsonl``, ``curves.png``, ``checkpoints/step_N/`` and ``final/`` —
+and the rules that keep it trustworthy: checkpoints appear atomically (written
+to a temporary sibling, then renamed), only the newest ``keep_last`` are kept,
+and on resume the metric and sample lines written after the checkpoint are cut
+so that the files read as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+_CHECKPOINT = re.compile(r"^step_(\d+)$")
+CURVES = (
+    ("reward/mean", "reward"),
+    ("eval/accuracy", "eval accuracy"),
+    ("loss/kl", "KL"),
+    ("time/step_s", "step time (s)"),
+)
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.samples_file = self.path / "samples.jsonl"
+
+    def prepare(self, spec: dict[str, Any]) -> None:
+        """Create the directory and write ``config.json`` (spec, version, git commit)."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        resolved = {"spec": spec, "version": _package_version(), "git_commit": _git_commit()}
+        _write_atomic(self.path / "config.json", json.dumps(resolved, indent=2))
+
+    # ---------------------------------------------------------------- metrics
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        _append_line(self.metrics_file, record)
+
+    def append_samples(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            _append_line(self.samples_file, record)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return _read_lines(self.metrics_file)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop metric and sample lines of steps after ``step`` (written before a crash)."""
+        for path in (self.metrics_file, self.samples_file):
+            kept = [r for r in _read_lines(path) if r.get("step", 0) <= step]
+            _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step}"
+
+    def write_checkpoint(self, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
+        """Call ``write(tmp_dir)``, then rename it to ``step_N`` and prune old ones."""
+        target = self.checkpoint_dir(step)
+        tmp = self.checkpoints / f".tmp-step_{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        self._prune(keep_last)
+        return target
+
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoints.exists():
+            return []
+        found = []
+        for entry in self.checkpoints.iterdir():
+            match = _CHECKPOINT.match(entry.name)
+            if match and entry.is_dir():
+                found.append((int(match.group(1)), entry))
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoints = self.list_checkpoints()
+        return checkpoints[-1][1] if checkpoints else None
+
+    def _prune(self, keep_last: int) -> None:
+        for _, path in self.list_checkpoints()[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------ plots
+
+    def plot_curves(self) -> Path | None:
+        """Draw ``curves.png`` from ``metrics.jsonl``: reward, accuracy, KL, step time."""
+        records = self.read_metrics()
+        if not records:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+        for axis, (key, title) in zip(axes, CURVES):
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                axis.plot(*zip(*points), marker="." if len(points) < 30 else None)
+            axis.set_title(title)
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+        figure.tight_layout()
+        out = self.path / "curves.png"
+        figure.savefig(out, dpi=90)
+        plt.close(figure)
+        return out
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("grpo-service")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
