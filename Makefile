@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: install
+	$(VENV)/bin/grpo arithmetic prepare
 	$(VENV)/bin/grpo train examples/arithmetic/outcome.yaml
 
 test: install

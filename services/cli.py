@@ -67,12 +67,12 @@ def train(
     try:
         preflight(spec)
     except (PreflightError, ValueError) as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+        if not dry_run:
+            console.print(f"[red]{error}[/red]")
+            raise typer.Exit(2) from None
+        console.print(f"[yellow]warning: {error} (it must exist where the job runs)[/yellow]")
     if dry_run:
-        console.print(
-            f"[green]{config}: valid[/green] ({spec.train.steps} steps → {spec.output.dir})"
-        )
+        console.print(f"[green]{config}: valid[/green] ({spec.train.steps} steps)")
         return
     with _progress() as progress:
         task = progress.add_task("training", total=spec.train.steps, status="starting engines…")

@@ -186,6 +186,15 @@ class JobSpec(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _dynamic_sampling_is_sync(self) -> JobSpec:
+        if self.algorithm.dynamic_sampling and self.train.mode == "async":
+            raise ValueError(
+                "algorithm.dynamic_sampling refills groups within a step, which needs "
+                "train.mode: sync; set one of them differently"
+            )
+        return self
+
     def learner_config(self) -> LearnerConfig:
         """The learner's view of this spec."""
         return LearnerConfig(

@@ -1,0 +1,27 @@
+"""Session-wide fixtures: one local Ray instance shared by every test that needs Ray.
+
+Ray's CPU count here is logical: the actors of the rollout pool, a training
+driver (learner, reward service, engines) and the tests themselves all fit at
+once without waiting, while the real threads are set per actor.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            num_cpus=6,
+            include_dashboard=False,
+            object_store_memory=512 * 1024**2,
+            log_to_driver=False,
+        )
+    yield ray
+    if started:
+        ray.shutdown()
