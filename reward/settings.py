@@ -1,0 +1,169 @@
+"""Settings of the reward service, read from the environment (prefix `GRPO_REWARD_`).
+
+This module owns every knob of the service: where it listens, its bearer token, request
+limits, the math worker pool, and the configured verifiers (remote services, custom
+in-process functions, regex patterns). Complex fields are JSON in the environment, e.g.
+`GRPO_REWARD_REMOTE_HOSTS='["rm.internal"]'`. Validation here rejects settings that
+cannot work, with messages that say what to change; checks that need imports or the
+environment (custom functions, token variables) happen when the app is built.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+THINK_ANSWER_PATTERN = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$"
+
+
+def _default_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cpus or 1))
+
+
+class RemoteVerifierSettings(BaseModel):
+    """A user's scoring service that a `remote` verifier calls over HTTP."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(
+        description="Endpoint URL; with no path, `/v1/score` (format v1) or `/get_reward` "
+        "(format openrlhf) is appended."
+    )
+    format: Literal["v1", "openrlhf"] = Field(
+        default="v1", description="Protocol the service speaks."
+    )
+    token_env: str | None = Field(
+        default=None,
+        description="Name of an environment variable holding a bearer token for the service.",
+    )
+    timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one HTTP attempt.")
+    retries: int = Field(
+        default=2, ge=0, le=10, description="Extra attempts on 408, 429, 5xx and connection errors."
+    )
+    backoff_s: float = Field(
+        default=0.25, ge=0, description="First retry delay; doubles with each retry."
+    )
+    max_batch: int = Field(default=256, ge=1, description="Most items sent in one call.")
+    description: str = Field(default="", description="Shown by GET /v1/verifiers.")
+    needs_reference: bool = Field(
+        default=False, description="Items without a reference fail instead of being sent."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url {value!r} must be an absolute http:// or https:// URL")
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def endpoint(self) -> str:
+        parts = urlsplit(self.url)
+        if parts.path not in ("", "/"):
+            return self.url
+        path = "/v1/score" if self.format == "v1" else "/get_reward"
+        return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+class RewardSettings(BaseSettings):
+    """Settings of `grpo reward serve`, the driver's embedded service and `create_app`."""
+
+    model_config = SettingsConfigDict(env_prefix="GRPO_REWARD_", extra="forbid", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port; 0 picks a free one.")
+    token: SecretStr | None = Field(
+        default=None,
+        description="When set, every route but /healthz needs `Authorization: Bearer <token>`.",
+    )
+    max_request_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Larger bodies get 413."
+    )
+    max_items: int = Field(default=4096, ge=1, description="More items per request get 413.")
+    workers: int = Field(
+        default_factory=_default_workers, ge=1, description="Processes checking math answers."
+    )
+    item_timeout_s: float = Field(
+        default=10.0, gt=0, description="Per-item deadline of local verifiers → status timeout."
+    )
+    custom_timeout_s: float = Field(
+        default=60.0, gt=0, description="Deadline of one call of a custom verifier function."
+    )
+    remote_hosts: list[str] = Field(
+        default_factory=list, description="Hosts remote verifiers may call (exact hostnames)."
+    )
+    remote_verifiers: dict[str, RemoteVerifierSettings] = Field(
+        default_factory=dict, description="Remote verifiers by name."
+    )
+    custom_verifiers: dict[str, str] = Field(
+        default_factory=dict,
+        description='In-process TRL-style functions by name, as import paths "pkg.mod:fn".',
+    )
+    regex_patterns: dict[str, str] = Field(
+        default_factory=lambda: {"think_answer": THINK_ANSWER_PATTERN},
+        description="Format patterns by name; each is the verifier `regex:<name>`.",
+    )
+    regex_default: str = Field(
+        default="think_answer", description="The pattern the plain `regex` verifier uses."
+    )
+    default_verifiers: list[str] = Field(
+        default_factory=lambda: ["math"],
+        min_length=1,
+        description="Verifiers (weight 1 each) for items that name none.",
+    )
+    numeric_rel_tol: float = Field(default=1e-6, ge=0, description="Relative tolerance of numeric.")
+    numeric_abs_tol: float = Field(
+        default=1e-12, ge=0, description="Absolute tolerance of numeric."
+    )
+    cache_size: int = Field(
+        default=16384, ge=0, description="Results kept by (job_id, step, id); 0 disables."
+    )
+    log_level: str = Field(default="info", description="uvicorn's log level.")
+
+    @field_validator("regex_patterns")
+    @classmethod
+    def _patterns_compile(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, pattern in value.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"regex pattern {name!r} does not compile: {exc}") from exc
+        return value
+
+    @field_validator("custom_verifiers")
+    @classmethod
+    def _import_paths(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            module, _, attr = path.partition(":")
+            if not module or not attr:
+                raise ValueError(
+                    f"custom verifier {name!r}: {path!r} is not an import path 'pkg.mod:fn'"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _remote_hosts_allowed(self) -> RewardSettings:
+        allowed = set(self.remote_hosts)
+        for name, remote in self.remote_verifiers.items():
+            if remote.host not in allowed:
+                raise ValueError(
+                    f"remote verifier {name!r} calls host {remote.host!r}, which is not in "
+                    f"remote_hosts {sorted(allowed)}; add it to GRPO_REWARD_REMOTE_HOSTS"
+                )
+        clash = set(self.remote_verifiers) & set(self.custom_verifiers)
+        if clash:
+            raise ValueError(
+                f"verifier names {sorted(clash)} are both remote and custom; rename one"
+            )
+        return self
