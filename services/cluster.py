@@ -43,15 +43,40 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def actor_options(resources: Resources, *, default_cpus: float, default_gpus: float = 0) -> dict:
-    """Ray actor options from a spec's ``Resources``, with the part's defaults."""
-    options: dict[str, Any] = {
-        "num_cpus": resources.num_cpus if resources.num_cpus is not None else default_cpus,
-        "num_gpus": resources.num_gpus if resources.num_gpus is not None else default_gpus,
-    }
+def actor_options(resources: Resources, **defaults: float) -> dict[str, Any]:
+    """Ray actor options from a spec's ``Resources``; unset fields take ``defaults``.
+
+    Fields that are neither set nor defaulted are left out, so that the part's
+    own defaults apply (the rollout pool picks a GPU per engine on GPU clusters).
+    """
+    options: dict[str, Any] = dict(defaults)
+    if resources.num_cpus is not None:
+        options["num_cpus"] = resources.num_cpus
+    if resources.num_gpus is not None:
+        options["num_gpus"] = resources.num_gpus
     if resources.resources:
         options["resources"] = dict(resources.resources)
     return options
+
+
+def node_of(actor: Any) -> str:
+    """The Ray node id an actor runs on."""
+    return ray.get(actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
+
+
+def placement(learner: Any, reward_actor: Any | None, engine_nodes: list[str]) -> dict:
+    """Where each part runs: node ids, the reward service's URL, and each node's address."""
+    return {
+        "learner": node_of(learner),
+        "reward": node_of(reward_actor) if reward_actor is not None else None,
+        "reward_url": _reward_url(reward_actor),
+        "engines": engine_nodes,
+        "nodes": {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]},
+    }
+
+
+def _reward_url(reward_actor: Any | None) -> str | None:
+    return ray.get(reward_actor.address.remote())[0] if reward_actor is not None else None
 
 
 def cpu_threads(resources: Resources) -> int:
@@ -62,7 +87,7 @@ def cpu_threads(resources: Resources) -> int:
 def start_learner(spec: JobSpec, config: LearnerConfig) -> Any:
     """The learner actor: one GPU when the cluster has GPUs, else a CPU share."""
     gpus = 1 if cluster_has_gpus() else 0
-    options = actor_options(spec.cluster.learner, default_cpus=0.5, default_gpus=gpus)
+    options = actor_options(spec.cluster.learner, num_cpus=0.5, num_gpus=gpus)
     options["max_concurrency"] = 1
     actor = ray.remote(**options)(Learner).remote(
         spec.model.path,
@@ -79,9 +104,12 @@ def start_learner(spec: JobSpec, config: LearnerConfig) -> Any:
 class RewardService:
     """The reward service inside a Ray actor; binds the right address for its node."""
 
-    def __init__(self, token: str, driver_ip: str) -> None:
+    def __init__(self, token: str, driver_node_id: str) -> None:
+        # Loopback only when this is the driver's own Ray node; any other node (even one
+        # on the same machine, as in tests/test_multinode.py) binds its node address.
         node_ip = ray.util.get_node_ip_address()
-        host = "127.0.0.1" if node_ip == driver_ip else node_ip
+        same_node = ray.get_runtime_context().get_node_id() == driver_node_id
+        host = "127.0.0.1" if same_node else node_ip
         settings = RewardSettings(host=host, port=0, token=token, log_level="warning")
         self.server = RewardServer(settings)
         self.url = self.server.start()
@@ -100,9 +128,10 @@ def start_reward_service(spec: JobSpec) -> tuple[Any, str, str]:
     token = secrets.token_urlsafe(32)
     env = {k: v for k, v in os.environ.items() if k.startswith(REWARD_ENV_PREFIX)}
     env.pop(REWARD_ENV_PREFIX + "TOKEN", None)
-    options = actor_options(spec.cluster.reward, default_cpus=0.25)
+    options = actor_options(spec.cluster.reward, num_cpus=0.25)
     options["runtime_env"] = {"env_vars": env}
-    actor = ray.remote(**options)(RewardService).remote(token, ray.util.get_node_ip_address())
+    driver_node_id = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(**options)(RewardService).remote(token, driver_node_id)
     url, node_ip = ray.get(actor.address.remote())
     log.info("reward service at %s (node %s)", url, node_ip)
     return actor, url, token

@@ -155,11 +155,17 @@ class Driver:
             spec.rollout,
             dtype=_engine_dtype(spec.model.dtype),
             seed=spec.seed,
-            actor_options=cluster.actor_options(spec.cluster.engines, default_cpus=0.5),
+            actor_options=cluster.actor_options(spec.cluster.engines),
         )
+        if with_learner:
+            self.run_dir.write_placement(self._placement())
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model.path, trust_remote_code=False)
+
+    def _placement(self) -> dict:
+        engines = [info["node_id"] for info in self.pool.process_infos()]
+        return cluster.placement(self.learner, self.reward_actor, engines)
 
     def _questions(self, path: str, limit: int | None = None) -> list[Question]:
         data = self.spec.data

@@ -3,13 +3,33 @@
 The driver calls a ``Reporter`` at each state change, metrics record and
 checkpoint, and asks it whether a cancellation was requested. ``NullReporter``
 serves ``grpo train``; ``HttpReporter`` serves jobs submitted through the job
-API, which passes its URL, the job id and a per-job token in the environment
-(so nothing assumes a shared filesystem between the API and the driver).
+API, which passes its URL, the job id, the run number and a per-run token in the
+environment (so nothing assumes a shared filesystem between the API and the driver):
+
+- ``GRPO_JOB_API_URL`` — the API's base URL, as the driver reaches it;
+- ``GRPO_JOB_ID``, ``GRPO_JOB_RUN`` — which job and run this driver is;
+- ``GRPO_JOB_TOKEN`` — the run's bearer token for the ``/report`` routes.
+
+A report that cannot be delivered is retried, then logged and dropped: training never
+stops because the API is briefly away (the API reconciles with Ray's view of the job).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import time
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENV_URL, ENV_JOB, ENV_RUN, ENV_TOKEN = (
+    "GRPO_JOB_API_URL",
+    "GRPO_JOB_ID",
+    "GRPO_JOB_RUN",
+    "GRPO_JOB_TOKEN",
+)
 
 
 class Reporter:
@@ -33,6 +53,92 @@ class NullReporter(Reporter):
     """Reports nothing: a job run directly with ``grpo train``."""
 
 
+class HttpReporter(Reporter):
+    """Reports to the job API's driver routes with the run's token."""
+
+    def __init__(
+        self,
+        url: str,
+        job_id: str,
+        token: str,
+        *,
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+    ) -> None:
+        import httpx
+
+        self.base = f"{url.rstrip('/')}/v1/jobs/{job_id}/report"
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._cancel = False
+        self._http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
+
+    def state(self, state: str, *, error: str | None = None) -> None:
+        body = {"state": state, "error": error[-20_000:] if error else None}
+        # A final state matters most: give the API more time to answer.
+        self._send("POST", "/state", body, retries=self.retries * (1 if state == "RUNNING" else 3))
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        values = {key: _number(value) for key, value in record.items() if key != "step"}
+        self._send("POST", "/metrics", {"step": int(record["step"]), "values": values})
+
+    def checkpoint(self, step: int, path: str, *, final: bool = False) -> None:
+        self._send("POST", "/checkpoints", {"step": step, "path": path, "final": final})
+
+    def cancel_requested(self) -> bool:
+        if not self._cancel:
+            self._send("GET", "/cancel", None, retries=0)
+        return self._cancel
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(
+        self, method: str, path: str, body: dict | None, *, retries: int | None = None
+    ) -> None:
+        import httpx
+
+        attempts = 1 + (self.retries if retries is None else retries)
+        for attempt in range(attempts):
+            try:
+                response = self._http.request(method, self.base + path, json=body)
+            except httpx.HTTPError as error:
+                problem = f"{type(error).__name__}: {error}"
+            else:
+                if response.status_code == 200:
+                    self._cancel = self._cancel or bool(response.json().get("cancel_requested"))
+                    return
+                problem = f"HTTP {response.status_code}: {response.text[:500]}"
+                if response.status_code < 500 and response.status_code != 429:
+                    break  # the API refused it; retrying will not help
+            if attempt + 1 < attempts:
+                time.sleep(self.backoff_s * 2**attempt)
+        log.warning("job API did not take %s %s: %s", method, path, problem)
+
+
+def _number(value: Any) -> int | float | None:
+    """JSON has no NaN or infinity: send those (and non-numbers) as null."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def reporter_from_env() -> Reporter:
     """The reporter the environment asks for (the job API sets it); else a null one."""
+    url, job_id, token = (os.environ.get(name) for name in (ENV_URL, ENV_JOB, ENV_TOKEN))
+    if url and job_id and token:
+        log.info(
+            "reporting to the job API at %s as %s (run %s)",
+            url,
+            job_id,
+            os.environ.get(ENV_RUN, "?"),
+        )
+        return HttpReporter(url, job_id, token)
     return NullReporter()

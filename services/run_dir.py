@@ -1,7 +1,8 @@
 """The run directory (``output.dir``): what a training run leaves behind.
 
 Owns the layout of DESIGN.md — ``config.json``, ``metrics.jsonl``,
-``samples.jsonl``, ``curves.png``, ``checkpoints/step_N/`` and ``final/`` —
+``samples.jsonl``, ``curves.png``, ``checkpoints/step_N/`` and ``final/``, plus
+``placement.json`` (which node runs which part) —
 and the rules that keep it trustworthy: checkpoints appear atomically (written
 to a temporary sibling, then renamed), only the newest ``keep_last`` are kept,
 and on resume the metric and sample lines written after the checkpoint are cut
@@ -40,6 +41,10 @@ class RunDirectory:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         resolved = {"spec": spec, "version": _package_version(), "git_commit": _git_commit()}
         _write_atomic(self.path / "config.json", json.dumps(resolved, indent=2))
+
+    def write_placement(self, placement: dict[str, Any]) -> None:
+        """``placement.json``: the Ray node of the learner, reward service and engines."""
+        _write_atomic(self.path / "placement.json", json.dumps(placement, indent=2))
 
     # ---------------------------------------------------------------- metrics
 

@@ -127,7 +127,8 @@ class Resources(BaseModel):
     resources: dict[str, float] = {}
     """Custom Ray resources, e.g. {"rollout_node": 1} to pin a part to nodes that have them."""
     threads: int | None = Field(None, ge=1)
-    """CPU threads the part may use (torch / OpenMP)."""
+    """CPU threads: the learner's torch threads, the reward service's verifier
+    processes. Engines take theirs from ``rollout.threads``."""
 
 
 class ClusterSpec(BaseModel):
@@ -183,6 +184,14 @@ class JobSpec(BaseModel):
             raise ValueError(
                 "train.eval_every is set but data.eval is null; give data.eval or set "
                 "train.eval_every to 0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _engine_threads_in_rollout(self) -> JobSpec:
+        if self.cluster.engines.threads is not None:
+            raise ValueError(
+                "cluster.engines.threads is not used: set rollout.threads (threads per engine)"
             )
         return self
 
