@@ -46,6 +46,7 @@ from services.scoring import (
     reward_tensor,
 )
 from services.spec import JobSpec
+from services.trackers import Tracker, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class Driver:
         self.learner: Any = None
         self.reward_actor: Any = None
         self.reward: RewardClient | None = None
+        self.trackers: list[Tracker] = []
 
     # ----------------------------------------------------------------- set-up
 
@@ -146,6 +148,13 @@ class Driver:
         self.cursor = DataCursor(self.train_questions, spec.seed)
         if with_learner:
             self.run_dir.prepare(spec.model_dump(mode="json"))
+            self.trackers = open_trackers(
+                self.run_dir.path,
+                tensorboard=spec.output.tensorboard,
+                wandb=spec.output.wandb,
+                name=spec.name,
+                config=spec.model_dump(mode="json"),
+            )
         cluster.connect(spec)
         self._start_reward()
         if with_learner:
@@ -438,6 +447,8 @@ class Driver:
     def _record(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **metrics}
         self.run_dir.append_metrics(record)
+        for tracker in self.trackers:
+            tracker.log(record)
         self.reporter.metrics(record)
         self.on_step(step, record)
 
@@ -479,6 +490,9 @@ class Driver:
         if self.learner is not None:
             ray.kill(self.learner)
             self.learner = None
+        for tracker in self.trackers:
+            _quietly(tracker.close)
+        self.trackers = []
         if self.run_dir.metrics_file.exists():
             _quietly(self.run_dir.plot_curves)
 
