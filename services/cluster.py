@@ -59,6 +59,15 @@ def actor_options(resources: Resources, **defaults: float) -> dict[str, Any]:
     return options
 
 
+def engine_actor_options(resources: Resources) -> dict[str, Any]:
+    """Engine actor options: the spec's resources, and vLLM's log level (WARNING unless
+    ``VLLM_LOGGING_LEVEL`` is set) so that a run's console shows progress, not engine chatter."""
+    options = actor_options(resources)
+    level = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")
+    options["runtime_env"] = {"env_vars": {"VLLM_LOGGING_LEVEL": level}}
+    return options
+
+
 def node_of(actor: Any) -> str:
     """The Ray node id an actor runs on."""
     return ray.get(actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))

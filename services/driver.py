@@ -164,7 +164,7 @@ class Driver:
             spec.rollout,
             dtype=_engine_dtype(spec.model.dtype),
             seed=spec.seed,
-            actor_options=cluster.actor_options(spec.cluster.engines),
+            actor_options=cluster.engine_actor_options(spec.cluster.engines),
         )
         if with_learner:
             self.run_dir.write_placement(self._placement())
@@ -394,7 +394,9 @@ class Driver:
             self.pool.update_weights(self.learner.export_safetensors.remote(), self.version)
             metrics["time/weight_sync_s"] = time.perf_counter() - sync_start
         else:
-            log.warning("step %d: no scorable completions; skipping the update", self.step + 1)
+            log.warning(
+                "step %d: no scorable, fresh completions; skipping the update", self.step + 1
+            )
             metrics.update({"time/logprob_s": 0.0, "time/train_s": 0.0, "time/weight_sync_s": 0.0})
         metrics["weights_version"] = self.version
         self._write_samples(scored)
@@ -445,7 +447,7 @@ class Driver:
     # ------------------------------------------------------------ bookkeeping
 
     def _record(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, **metrics}
+        record = {"step": step, **{k: _json_number(v) for k, v in metrics.items()}}
         self.run_dir.append_metrics(record)
         for tracker in self.trackers:
             tracker.log(record)
@@ -560,6 +562,11 @@ def _rollout_metrics(scored: ScoredGroups, timings: _Timings) -> dict[str, float
         "rollout/tokens_per_s": tokens / generate_s if generate_s > 0 else 0.0,
         "async/stale_dropped": 0,
     }
+
+
+def _json_number(value: Any) -> Any:
+    """NaN (e.g. the reward mean of a step whose rollouts were all dropped) as null."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _engine_dtype(dtype: str) -> str:

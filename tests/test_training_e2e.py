@@ -132,3 +132,16 @@ def test_resume_after_killing_the_driver_is_exact(ray_session, tmp_path):
     assert [s for s, _, _ in losses(resumed_dir)] == [1, 2, 3, 4, 5, 6]
     assert losses(resumed_dir) == losses(straight_dir)
     assert digest(resumed_dir / "final") == digest(straight_dir / "final")
+
+
+def test_async_mode_overlaps_and_drops_rollouts_past_max_staleness(ray_session, tmp_path):
+    """With max_staleness 0 the pipeline's one-step lag is visible: step 2 trains on
+    rollouts sampled before step 1's update, so they are dropped and counted; step 3's
+    were sampled after it and train again."""
+    raw = job(tmp_path / "run", train={"steps": 3, "mode": "async", "max_staleness": 0},
+              data={"eval": None})  # fmt: skip
+    result = Driver(validate_spec(raw)).run()
+    steps = [r for r in result.metrics if r["step"] > 0]
+    completions = 4 * 4  # questions_per_step × group_size
+    assert [r["async/stale_dropped"] for r in steps] == [0, completions, 0]
+    assert [r["weights_version"] for r in steps] == [1, 1, 2]
