@@ -2,7 +2,9 @@
 
 Ray's CPU count here is logical: the actors of the rollout pool, a training
 driver (learner, reward service, engines) and the tests themselves all fit at
-once without waiting, while the real threads are set per actor.
+once without waiting, while the real threads are set per actor. Ray runs its
+workers at niceness 15 by default; here they run at the tests' own priority, or
+engines starve beside the test process.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def ray_session():
             include_dashboard=False,
             object_store_memory=512 * 1024**2,
             log_to_driver=False,
+            _system_config={"worker_niceness": 0},
         )
     yield ray
     if started:

@@ -12,26 +12,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def rollout_ray():
-    """A local Ray instance (reused if one is already running).
-
-    Ray runs its workers at niceness 15 by default; on a machine shared with other
-    (non-Ray) processes the engines would then start and run several times slower,
-    so the workers here run at the tests' own priority."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=256 * 1024**2,
-            log_to_driver=False,
-            _system_config={"worker_niceness": 0},
-        )
-    yield ray
-    if started:
-        ray.shutdown()
+def rollout_ray(ray_session):
+    """The suite's one Ray instance (tests/conftest.py)."""
+    return ray_session
 
 
 @pytest.fixture(scope="session")
