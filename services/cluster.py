@@ -35,7 +35,13 @@ def connect(spec: JobSpec) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # Ray nices its workers to 15 by default; the engines and the learner are the
+        # job's real work, so on the embedded default they run at normal priority.
+        ray.init(
+            include_dashboard=False,
+            log_to_driver=True,
+            _system_config={"worker_niceness": 0},
+        )
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
