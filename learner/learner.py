@@ -16,6 +16,7 @@ before the first.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -85,7 +86,10 @@ class Learner:
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        # A plain function, not a bound method: LambdaLR's state_dict stores the
+        # __dict__ of non-function schedules, and Ray decorates actor methods.
+        schedule = functools.partial(_warmup_factor, warmup=config.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.steps_done = 0
         self._logprob_seconds = 0.0
 
@@ -170,10 +174,6 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.optimizer.step()
         return float(grad_norm)
-
-    def _lr_factor(self, step: int) -> float:
-        warmup = self.config.warmup_steps
-        return min(1.0, (step + 1) / warmup) if warmup else 1.0
 
     # ------------------------------------------------------------- log-probs
 
@@ -295,6 +295,11 @@ class _MetricTotals:
         out = {key: self.sums.get(key, 0.0) for key in _SUMMED_METRICS}
         out.update({key: self.sums.get(key, 0.0) / weight for key in _TOKEN_WEIGHTED_METRICS})
         return out
+
+
+def _warmup_factor(step: int, *, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant."""
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
 
 
 def _minibatches(n_samples: int, updates: int) -> list[list[int]]:

@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from services.arithmetic import dataset_dir
+from services.arithmetic import base_model_dir, dataset_dir
 from services.driver import Driver
 from services.spec import validate_spec
-from services.tiny_model import tiny_model_dir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 
@@ -44,7 +43,9 @@ def job(out_dir: Path, **sections) -> dict:
     raw = {
         "name": "e2e",
         "seed": 7,
-        "model": {"path": str(tiny_model_dir("tiny"))},
+        # The warmed-up base model (cached after its first build, ~1 minute): a random
+        # model scores 0 everywhere, which gives zero advantages and no update at all.
+        "model": {"path": str(base_model_dir())},
         "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
         "rollout": {"engines": 1, "group_size": 4, "max_tokens": 24, "enforce_eager": True},
         "train": {"steps": 2, "questions_per_step": 4, "lr": 1e-3, "eval_every": 0,
