@@ -5,20 +5,33 @@ cluster at ``cluster.ray_address``) with a progress bar; ``grpo eval`` runs the
 evaluation alone; ``grpo reward serve`` runs the reward service;
 ``grpo arithmetic prepare`` writes the arithmetic task's data and base model.
 Errors in the spec are printed as one line per field and exit with status 2.
+
+The job API: ``grpo serve`` runs it (settings from ``GRPO_API_*``); ``grpo submit
+CONFIG [--set k=v]``, ``grpo jobs``, ``grpo status ID``, ``grpo logs ID [--follow]``,
+``grpo cancel ID`` and ``grpo resume ID`` talk to it (``--url`` or ``GRPO_API_URL``,
+token from ``GRPO_API_TOKEN``); an error the API answers exits with status 1.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services.spec import JobSpec, SpecError, load_spec
+
+if TYPE_CHECKING:
+    from services.client import JobClient
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="GRPO training on Ray: train, evaluate, serve rewards.", no_args_is_help=True
@@ -29,6 +42,12 @@ app.add_typer(reward_app, name="reward")
 app.add_typer(arithmetic_app, name="arithmetic")
 console = Console(stderr=True)
 
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url", envvar="GRPO_API_URL", help="The job API (default http://127.0.0.1:8080)."
+    ),
+]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override one field, e.g. --set train.lr=3e-5 (repeatable)."),
@@ -136,6 +155,149 @@ def arithmetic_prepare(
     paths = prepare_assets(out)
     for name, path in paths.items():
         console.print(f"{name}: {path}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Default: GRPO_API_HOST or 127.0.0.1.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: GRPO_API_PORT or 8080.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the job API (settings from GRPO_API_* variables; GRPO_API_TOKEN is required)."""
+    from pydantic import ValidationError
+
+    from services.api.server import serve as serve_api
+    from services.api.settings import ApiSettings
+
+    _logging(True)
+    if verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    try:
+        settings = ApiSettings(**overrides)
+    except ValidationError as error:
+        problems = [
+            f"GRPO_API_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in error.errors()
+        ]
+        console.print("[red]invalid job API settings:\n  " + "\n  ".join(problems) + "[/red]")
+        raise typer.Exit(2) from None
+    serve_api(settings)
+
+
+@contextmanager
+def _api(url: str | None) -> Iterator[JobClient]:
+    from services.client import JobClient
+
+    with JobClient(url) as client:
+        yield client
+
+
+def _call(action: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run one client call; API errors and connection problems exit with status 1."""
+    import httpx
+
+    from services.client import JobApiError
+
+    try:
+        return action(*args, **kwargs)
+    except JobApiError as error:
+        console.print(f"[red]{error}[/red]")
+        for problem in error.errors:
+            location = ".".join(str(part) for part in problem.get("loc", [])[1:])
+            console.print(f"[red]  {location}: {problem.get('msg')}[/red]")
+        raise typer.Exit(1) from None
+    except httpx.HTTPError as error:
+        console.print(f"[red]cannot reach the job API: {error} (--url, GRPO_API_URL)[/red]")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="Job spec (YAML or JSON).")],
+    set_: SetOption = None,
+    url: UrlOption = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(help="Retrying with the same key returns the same job, never a second."),
+    ] = None,
+) -> None:
+    """Submit a job to the job API; prints its id (relative paths are the API's)."""
+    spec = _load(config, set_)
+    with _api(url) as client:
+        job = _call(client.submit, spec, idempotency_key=idempotency_key)
+    console.print(f"{job.id} {job.state.value}")
+    typer.echo(job.id)
+
+
+@app.command()
+def jobs(
+    state: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
+    url: UrlOption = None,
+) -> None:
+    """List jobs, newest first."""
+    from rich.table import Table
+
+    with _api(url) as client:
+        page = _call(client.list_jobs, state=state.upper() if state else None, limit=limit)
+    table = Table("id", "name", "state", "run", "step", "created", "error")
+    for job in page.items:
+        step = f"{job.step if job.step is not None else '-'}/{job.total_steps}"
+        created = job.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(job.id, job.name, job.state.value, str(job.run), step, created,
+                      (job.error or "")[:60])  # fmt: skip
+    Console().print(table)
+
+
+@app.command()
+def status(job_id: str, url: UrlOption = None) -> None:
+    """Show a job as JSON: state, step, latest metrics, error, spec."""
+    with _api(url) as client:
+        job = _call(client.get, job_id)
+    typer.echo(job.model_dump_json(indent=2))
+
+
+@app.command()
+def logs(
+    job_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the run ends.")] = (
+        False
+    ),
+    offset: Annotated[int, typer.Option(min=0, help="Start at this byte.")] = 0,
+    run: Annotated[int | None, typer.Option(min=1, help="Default: the latest run.")] = None,
+    url: UrlOption = None,
+) -> None:
+    """Print a job's driver log (Ray's job log)."""
+    out = sys.stdout.buffer
+    with _api(url) as client:
+        if follow:
+            _call(_copy, client.follow_logs(job_id, offset=offset, run=run), out)
+        else:
+            out.write(_call(client.logs, job_id, offset=offset, run=run).data)
+    out.flush()
+
+
+def _copy(chunks: Iterator[bytes], out: Any) -> None:
+    for data in chunks:
+        out.write(data)
+        out.flush()
+
+
+@app.command()
+def cancel(job_id: str, url: UrlOption = None) -> None:
+    """Cancel a job: it checkpoints and stops (a queued job is dropped)."""
+    with _api(url) as client:
+        job = _call(client.cancel, job_id)
+    typer.echo(f"{job.id} {job.state.value}")
+
+
+@app.command()
+def resume(job_id: str, url: UrlOption = None) -> None:
+    """Run a FAILED or CANCELLED job again from its last checkpoint (a new run)."""
+    with _api(url) as client:
+        job = _call(client.resume, job_id)
+    typer.echo(f"{job.id} {job.state.value} (run {job.run})")
 
 
 def _progress() -> Progress:

@@ -10,8 +10,10 @@ environment (so nothing assumes a shared filesystem between the API and the driv
 - ``GRPO_JOB_ID``, ``GRPO_JOB_RUN`` — which job and run this driver is;
 - ``GRPO_JOB_TOKEN`` — the run's bearer token for the ``/report`` routes.
 
-A report that cannot be delivered is retried, then logged and dropped: training never
-stops because the API is briefly away (the API reconciles with Ray's view of the job).
+A report that cannot be delivered is retried with capped backoff, then logged and
+dropped: training never stops because the API is away (the API reconciles with Ray's
+view of the job). While the API is unreachable, metrics and checkpoint reports are
+tried once each, so an outage does not slow every step; state reports always retry.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+MAX_BACKOFF_S = 10.0
 ENV_URL, ENV_JOB, ENV_RUN, ENV_TOKEN = (
     "GRPO_JOB_API_URL",
     "GRPO_JOB_ID",
@@ -72,12 +75,14 @@ class HttpReporter(Reporter):
         self.retries = retries
         self.backoff_s = backoff_s
         self._cancel = False
+        self._unreachable = False
         self._http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
 
     def state(self, state: str, *, error: str | None = None) -> None:
         body = {"state": state, "error": error[-20_000:] if error else None}
-        # A final state matters most: give the API more time to answer.
-        self._send("POST", "/state", body, retries=self.retries * (1 if state == "RUNNING" else 3))
+        # A final state matters most: give the API more time (about a minute) to answer.
+        retries = self.retries if state == "RUNNING" else self.retries * 3
+        self._send("POST", "/state", body, retries=retries)
 
     def metrics(self, record: dict[str, Any]) -> None:
         values = {key: _number(value) for key, value in record.items() if key != "step"}
@@ -99,21 +104,24 @@ class HttpReporter(Reporter):
     ) -> None:
         import httpx
 
-        attempts = 1 + (self.retries if retries is None else retries)
-        for attempt in range(attempts):
+        if retries is None:
+            retries = 0 if self._unreachable else self.retries
+        for attempt in range(1 + retries):
             try:
                 response = self._http.request(method, self.base + path, json=body)
             except httpx.HTTPError as error:
                 problem = f"{type(error).__name__}: {error}"
+                self._unreachable = True
             else:
+                self._unreachable = False
                 if response.status_code == 200:
                     self._cancel = self._cancel or bool(response.json().get("cancel_requested"))
                     return
                 problem = f"HTTP {response.status_code}: {response.text[:500]}"
                 if response.status_code < 500 and response.status_code != 429:
                     break  # the API refused it; retrying will not help
-            if attempt + 1 < attempts:
-                time.sleep(self.backoff_s * 2**attempt)
+            if attempt < retries:
+                time.sleep(min(self.backoff_s * 2**attempt, MAX_BACKOFF_S))
         log.warning("job API did not take %s %s: %s", method, path, problem)
 
 

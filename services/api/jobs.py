@@ -98,8 +98,8 @@ class JobService:
                 return existing, False
         job_id = new_job_id()
         prepared = specs.prepare(spec, roots=self.settings.allowed_roots, job_id=job_id)
-        self._require_free_output(prepared["output"]["dir"], job_id)
         try:
+            self._require_free_output(prepared["output"]["dir"], job_id)
             job = self.store.create(
                 job_id=job_id,
                 name=spec.name,
@@ -108,8 +108,9 @@ class JobService:
                 idempotency_key=idempotency_key,
                 output_dir=prepared["output"]["dir"],
             )
-        except DuplicateKey:  # a concurrent request with the same key won the race
-            existing = self._replay(idempotency_key or "", digest)
+        except (DuplicateKey, OutputDirInUse):
+            # A concurrent request with the same key may have won the race: its job is ours.
+            existing = self._replay(idempotency_key, digest) if idempotency_key else None
             if existing is None:
                 raise
             return existing, False
@@ -139,7 +140,7 @@ class JobService:
     def get(self, job_id: str) -> models.Job:
         return job_view(self.store.get(job_id))
 
-    def list(self, state: JobState | None, limit: int, cursor: str | None) -> models.JobPage:
+    def list_jobs(self, state: JobState | None, limit: int, cursor: str | None) -> models.JobPage:
         before = int(cursor) if cursor else None
         jobs = self.store.list_jobs(state=state, limit=limit + 1, before=before)
         more = len(jobs) > limit

@@ -50,9 +50,12 @@ class RayJob:
         return self.status in RAY_TERMINAL
 
 
+SUBMISSION_PREFIX = "grpo-"
+
+
 def submission_id(job_id: str, run: int) -> str:
     """The Ray submission id of a run: generated from the job id, so it is idempotent."""
-    return f"grpo-{job_id}-run{run}"
+    return f"{SUBMISSION_PREFIX}{job_id}-run{run}"
 
 
 class RayLauncher:

@@ -8,8 +8,9 @@ Every ``poll_interval_s`` (and right after a submit, cancel or resume) one threa
    FAILED with the reason);
 2. stops the Ray job of a run that was asked to cancel more than ``cancel_grace_s``
    ago and has not exited;
-3. launches the oldest QUEUED runs (FIFO) while fewer than ``max_running`` are
-   RUNNING or CANCELLING.
+3. launches the oldest QUEUED runs (FIFO) while fewer than ``max_running`` runs are
+   busy: RUNNING or CANCELLING in the store, or with a Ray job that has not ended yet
+   (a driver reports its final state before it shuts its engines down).
 
 A launch first records the run as RUNNING with its Ray submission id and a hash of a
 fresh per-run token (compare-and-set, so a run cancelled meanwhile is not launched),
@@ -26,7 +27,14 @@ import time
 
 from services.api import specs
 from services.api.jobs import token_digest
-from services.api.launcher import RayJob, RayLauncher, RayRejected, RayUnavailable, submission_id
+from services.api.launcher import (
+    SUBMISSION_PREFIX,
+    RayJob,
+    RayLauncher,
+    RayRejected,
+    RayUnavailable,
+    submission_id,
+)
 from services.api.settings import ApiSettings
 from services.api.states import Event, IllegalTransition, JobState
 from services.api.store import Job, JobStore, StaleRun
@@ -89,7 +97,7 @@ class Reconciler:
                 return
             self.reconcile(ray_jobs)
             self.enforce_grace(ray_jobs)
-            self.schedule()
+            self.schedule(ray_jobs)
 
     # ------------------------------------------------------------ the passes
 
@@ -104,7 +112,7 @@ class Reconciler:
             elif ray_job.status == "SUCCEEDED":
                 self._apply(job, Event.SUCCEED, f"Ray job {sid} succeeded")
             elif ray_job.status == "FAILED":
-                self._apply(job, Event.FAIL, _failure(job, ray_job))
+                self._apply(job, Event.FAIL, _failure(ray_job))
             elif ray_job.status == "STOPPED":
                 detail = (
                     "stopped after the cancel grace period"
@@ -139,8 +147,14 @@ class Reconciler:
                     continue
             self.store.mark_stop_requested(job.id, job.run)
 
-    def schedule(self) -> None:
-        free = self.settings.max_running - len(self.store.active())
+    def schedule(self, ray_jobs: dict[str, RayJob]) -> None:
+        busy = {job.ray_submission_id for job in self.store.active()}
+        busy |= {
+            sid
+            for sid, ray_job in ray_jobs.items()
+            if sid.startswith(SUBMISSION_PREFIX) and not ray_job.terminal
+        }
+        free = self.settings.max_running - len(busy)
         for job in self.store.queued()[: max(free, 0)]:
             self.launch(job)
 
@@ -178,6 +192,6 @@ class Reconciler:
             log.info("job %s: %s → %s (%s)", job.id, previous, updated.state, detail)
 
 
-def _failure(job: Job, ray_job: RayJob) -> str:
+def _failure(ray_job: RayJob) -> str:
     message = (ray_job.message or "no message").strip()
     return f"the Ray job {ray_job.submission_id} failed: {message}"

@@ -68,7 +68,7 @@ def list_jobs(
     cursor: Cursor = None,
 ) -> models.JobPage:
     """Jobs, newest first."""
-    return service.list(state, limit, cursor)
+    return service.list_jobs(state, limit, cursor)
 
 
 @router.get("/{job_id}", responses=NOT_FOUND)
