@@ -28,10 +28,11 @@ REWARD_ENV_PREFIX = "GRPO_REWARD_"
 
 
 def connect(spec: JobSpec) -> None:
-    """Join the cluster at ``cluster.ray_address``, or start a local Ray."""
+    """Join the cluster at ``cluster.ray_address`` (or ``RAY_ADDRESS``, which Ray's job
+    system sets for the drivers it runs), or start a local Ray."""
     if ray.is_initialized():
         return
-    address = spec.cluster.ray_address
+    address = spec.cluster.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
