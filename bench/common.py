@@ -2,8 +2,9 @@
 
 - ``machine_info()`` — cores, memory, CPU model, load average (recorded in every JSON).
 - ``wait_for_quiet()`` — this machine is shared: before a timed section, wait (up to a
-  few minutes) for the 1-minute load average to drop below a threshold, and record
-  whether the measurement still ran under load.
+  few minutes) for the load average to drop, or for the other processes to go quiet,
+  and record whether the measurement still ran under load; ``LoadTracker`` records the
+  load and the other processes' CPU use all along.
 - ``write_result()`` / ``update_summary()`` — ``bench/results/<name>.json`` and one row
   per benchmark in ``bench/results/summary.md``.
 - ``GrpoRun`` / ``run_grpo_train()`` — ``grpo train`` in a subprocess with ``--set``
@@ -12,9 +13,9 @@
 
 Every ``grpo train`` the suite starts gets ``RAY_ADDRESS=local`` (a fresh local Ray, never
 a cluster that someone else started with ``ray start`` on this machine) and
-``RAY_worker_niceness=0`` (Ray's default niceness of 15 would hand the CPU to any other
-process on the shared machine, and a comparison against a plain process would measure
-that instead of the system).
+``RAY_worker_niceness=0`` (at Ray's default niceness of 15 the engines and the learner
+would yield to any niceness-0 process of the same session, such as the other side of a
+comparison, which would then measure the priority instead of the system).
 """
 
 from __future__ import annotations
@@ -109,9 +110,15 @@ def wait_for_quiet(
     (``sched_autogroup``), so another session's niceness-15 processes take an equal
     share of the CPU from a niceness-0 benchmark. Returns what to record; a measurement
     that starts while neither holds is marked ``under_load``. ``BENCH_MAX_WAIT_S`` in
-    the environment overrides ``max_wait_s`` (0: never wait).
+    the environment overrides ``max_wait_s`` (0: never wait); ``BENCH_WAIT_LEDGER`` (a
+    file) and ``BENCH_WAIT_BUDGET_S`` cap the waiting of all benchmarks of one suite run.
     """
     max_wait_s = float(os.environ.get("BENCH_MAX_WAIT_S", max_wait_s))
+    ledger = os.environ.get("BENCH_WAIT_LEDGER")  # set by run_all: one budget for the suite
+    if ledger:
+        spent = float(Path(ledger).read_text() or 0) if Path(ledger).exists() else 0.0
+        budget = float(os.environ.get("BENCH_WAIT_BUDGET_S", "600"))
+        max_wait_s = min(max_wait_s, max(budget - spent, 0.0))
     before = loadavg()
     start = time.monotonic()
     while True:
@@ -121,6 +128,8 @@ def wait_for_quiet(
             break
         time.sleep(7.0)
     now = loadavg()
+    if ledger:
+        Path(ledger).write_text(str(spent + time.monotonic() - start))
     record = {
         "loadavg_when_asked": before,
         "waited_s": round(time.monotonic() - start, 1),

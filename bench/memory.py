@@ -78,7 +78,9 @@ def child_role(parent_role: str) -> str:
     if parent_role.startswith("reward service"):
         return "reward service: verifier processes"
     if parent_role.startswith(("engine", "vLLM")):
-        return "engine: helper processes (resource tracker)"
+        return "engine: helper processes (resource tracker, compiler)"
+    if parent_role.startswith(("ray:", "other")):
+        return parent_role  # e.g. the dashboard's head modules
     return f"child of {parent_role}"
 
 
@@ -125,7 +127,7 @@ class Sampler:
                 title = " ".join(process.cmdline()) or process.name()
                 role = roles.get(process.pid) or own_role(title)
                 if role is None:
-                    role = child_role(roles.get(process.ppid(), "?"))
+                    role = child_role(roles.get(process.ppid(), "other (parent not seen)"))
                 roles[process.pid] = role
                 rss, pss = process.memory_info().rss, self._pss(process) or 0
                 times = process.cpu_times()

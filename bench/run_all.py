@@ -3,23 +3,26 @@
 Each benchmark runs in its own process (a fresh Ray and fresh engines; one failure does
 not stop the others) and waits, before each timed section, for the machine's load
 average to drop (``bench.common.wait_for_quiet``). The order puts the cheap ones first
-and lets ``weight_sync`` use the step time that ``step_breakdown`` measured. About 20
-minutes on 2 idle cores (longer while the machine is loaded), plus a few minutes once to
-install TRL into ``bench/.venv-trl``.
+and lets ``weight_sync`` use the step time that ``step_breakdown`` measured. About 15
+minutes on 2 quiet cores, plus at most ``--wait-budget`` (10 minutes) of waiting for a
+quiet machine in all, plus about 4 minutes once to install TRL into ``bench/.venv-trl``.
 
-``bench/rollout.py`` (generation throughput against bare vLLM; several minutes) runs
-only with ``--with-rollout``. ``bench/reward.py`` and ``bench/rollout.py`` write no summary
-row themselves: theirs are made here from their latest result files.
+``bench/rollout.py`` (generation throughput against bare vLLM; 10+ minutes) and
+``bench/vllm_spin.py`` (an experiment, 5 minutes) run only when named in ``--with``.
+``bench/reward.py`` and ``bench/rollout.py`` write no summary row themselves: theirs
+are made here from their latest result files.
 
-    python -m bench.run_all [--only a,b] [--skip a,b] [--with-rollout]
+    python -m bench.run_all [--only a,b] [--skip a,b] [--with rollout,vllm_spin]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,8 +40,10 @@ BENCHMARKS: dict[str, list[str]] = {
     "trl_compare": ["bench/trl_compare.py"],
     "reward": ["bench/reward.py"],
     "rollout": ["bench/rollout.py"],
+    "vllm_spin": ["bench/vllm_spin.py"],
 }
-OPTIONAL = {"rollout"}
+OPTIONAL = {"rollout", "vllm_spin"}
+"""Run only when named in ``--with`` or ``--only``."""
 
 
 def summary_rows_from_files() -> None:
@@ -71,33 +76,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
     parser.add_argument("--skip", default="", help="comma-separated benchmark names")
-    parser.add_argument("--with-rollout", action="store_true", help="also run bench/rollout.py")
+    parser.add_argument(
+        "--with", dest="extra", default="", help=f"also run these: {', '.join(sorted(OPTIONAL))}"
+    )
+    parser.add_argument(
+        "--wait-budget",
+        type=float,
+        default=600,
+        help="seconds all benchmarks together may wait for a quiet machine",
+    )
     args = parser.parse_args()
     only = {n for n in args.only.split(",") if n}
     skip = {n for n in args.skip.split(",") if n}
-    unknown = (only | skip) - set(BENCHMARKS)
+    extra = {n for n in args.extra.split(",") if n}
+    unknown = (only | skip | extra) - set(BENCHMARKS)
     if unknown:
         raise SystemExit(f"unknown benchmarks {sorted(unknown)}; choose from {list(BENCHMARKS)}")
     chosen = [
         name
         for name in BENCHMARKS
         if (name in only if only else name not in skip)
-        and (name not in OPTIONAL or args.with_rollout or name in only)
+        and (name not in OPTIONAL or name in extra or name in only)
     ]
     print(f"benchmarks: {', '.join(chosen)} (load average {loadavg()})", flush=True)
+    ledger = Path(tempfile.mkdtemp(prefix="bench-wait-")) / "waited_s"
+    env = dict(os.environ, BENCH_WAIT_LEDGER=str(ledger), BENCH_WAIT_BUDGET_S=str(args.wait_budget))
     failed, timings = [], {}
     started = time.monotonic()
     for name in chosen:
         print(f"== {name}", flush=True)
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, *BENCHMARKS[name]], cwd=REPO)
+        proc = subprocess.run([sys.executable, *BENCHMARKS[name]], cwd=REPO, env=env)
         timings[name] = round(time.monotonic() - start)
         if proc.returncode != 0:
             failed.append(name)
             print(f"!! {name} failed with exit status {proc.returncode}", flush=True)
     summary_rows_from_files()
     total = round(time.monotonic() - started)
-    print(f"\nseconds per benchmark: {timings}; total {total} s; load average now {loadavg()}")
+    waited = float(ledger.read_text()) if ledger.exists() else 0.0
+    print(
+        f"\nseconds per benchmark: {timings}; total {total} s (of which {waited:.0f} s waiting "
+        f"for a quiet machine); load average now {loadavg()}"
+    )
     if SUMMARY.exists():
         print("\n" + SUMMARY.read_text())
     if failed:

@@ -27,11 +27,13 @@ Writes ``bench/results/step_breakdown.json``, the plot
 ``docs/benchmarks_step_breakdown.png`` (stacked bars) and a summary row.
 
     python bench/step_breakdown.py [--steps 12] [--warmup 2] [--configs sync,async,...]
+    python bench/step_breakdown.py --plot-only      # redraw the plot from the last results
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -41,6 +43,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 from bench.common import (  # noqa: E402
     DOCS,
+    RESULTS,
     LoadTracker,
     ensure_arithmetic_assets,
     load_text,
@@ -124,7 +127,7 @@ def plot(results: dict[str, dict]) -> None:
     names = list(results)
     parts = [*PHASES, "overhead"]
     labels = {
-        "generate": "generate",
+        "generate": "generate (async: waiting for it)",
         "reward": "reward",
         "logprob": "learner: reference fwd",
         "train": "learner: fwd/bwd + step",
@@ -155,7 +158,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="re-plot the last results")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads((RESULTS / "step_breakdown.json").read_text())["configs"])
+        return
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -171,6 +178,8 @@ def main() -> None:
         run = run_grpo_train([f"train.steps={args.steps}", *CONFIGS[name]])
         tracker.sample()
         results[name] = breakdown(run.steps(), args.warmup)
+        if "train.mode=async" in CONFIGS[name]:  # generate_s is only the wait there
+            results[name]["tokens_per_s_generate"] = None
         results[name]["overrides"] = CONFIGS[name]
         results[name]["load"] = quiet
         results[name]["startup_s"] = round(run.startup_s, 1)
