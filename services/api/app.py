@@ -1,5 +1,6 @@
 """The app factory of the job API: store, Ray launcher, background loop, routers, auth,
-body limit, metrics and error answers.
+metrics and error answers, behind the shared HTTP edge (``httpedge``: body limit, UTF-8
+check, request log).
 
 ``create_app(settings)`` builds everything from ``ApiSettings``; the app's lifespan
 starts the scheduler/reconciler loop (unless ``dry``) and stops it. Every route but
@@ -17,13 +18,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Scope
 
+from httpedge import BodyLimitMiddleware, ObserveMiddleware, route_template
 from services.api.auth import admin_auth
 from services.api.errors import add_error_handlers
 from services.api.jobs import JobService
 from services.api.launcher import RayLauncher
 from services.api.metrics import ApiMetrics
-from services.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from services.api.reconciler import Reconciler
 from services.api.routes import health_router, jobs_router, metrics_router, reports_router
 from services.api.settings import ApiSettings
@@ -89,8 +91,23 @@ def create_app(settings: ApiSettings | None = None, *, driver_url: str | None = 
     app.include_router(metrics_router, dependencies=admin)
     add_error_handlers(app)
     # The last middleware added runs first: metrics see every answer, 413s included.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        setting="max_body_bytes",
+        env="GRPO_API_MAX_BODY_BYTES",
+    )
+    app.add_middleware(ObserveMiddleware, observe=_observer(metrics), logger=log)
     if settings.dry:
         log.warning("dry mode: jobs are validated and queued but never launched")
     return app
+
+
+def _observer(metrics: ApiMetrics):
+    """Counts each answer by method, route template and status."""
+
+    def observe(scope: Scope, status: int, seconds: float) -> None:
+        route = route_template(scope) or "other"
+        metrics.observe_request(scope["method"], route, status, seconds)
+
+    return observe

@@ -8,9 +8,10 @@ parameter, one entry per field with its location; 503 Ray cannot be reached.
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from httpedge import add_validation_handler
+from httpedge import error_response as _error
 from services.api.jobs import IdempotencyConflict, OutputDirInUse, RunNotFound
 from services.api.launcher import RayRejected, RayUnavailable
 from services.api.specs import SpecRejected
@@ -50,21 +51,4 @@ def add_error_handlers(app: FastAPI) -> None:
     async def ray_error(request: Request, exc: RayRejected) -> JSONResponse:
         return _error(502, f"Ray's job API answered: {exc}")
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
-            for error in exc.errors()
-        ]
-        shown = "; ".join(problems[:10]) + ("; …" if len(problems) > 10 else "")
-        errors = [
-            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:50]
-        ]
-        return _error(422, f"invalid request: {shown}", errors)
-
-
-def _error(status: int, detail: str, errors: list | None = None) -> JSONResponse:
-    content: dict = {"detail": detail}
-    if errors is not None:
-        content["errors"] = errors
-    return JSONResponse(status_code=status, content=content)
+    add_validation_handler(app)
