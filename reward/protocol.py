@@ -12,11 +12,25 @@ working against a newer service.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 Status = Literal["ok", "error", "timeout"]
+
+# The keywords the service itself passes to TRL-style functions (and TRL's trainer
+# does): a metadata key may not take one of these names.
+CALL_KEYWORDS = frozenset(
+    {"prompts", "completions", "completion_ids", "reference"}
+    | {"trainer_state", "log_extra", "log_metric"}
+)
 
 
 class VerifierRef(BaseModel):
@@ -51,9 +65,29 @@ class Item(BaseModel):
         min_length=1,
         description="Verifiers to combine (weighted sum); the service's defaults if absent.",
     )
-    metadata: dict[str, Any] = Field(
-        default_factory=dict, description="Free-form fields passed to custom verifiers."
+    completion_ids: list[int] | None = Field(
+        default=None,
+        description="The completion's token ids, passed to TRL-style functions as "
+        "`completion_ids` when every item of the batch has them.",
     )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Free-form fields (the dataset's columns): keyword lists of TRL-style "
+        "functions, `extra_info` of verl-style ones. No key may be one of "
+        f"{sorted(CALL_KEYWORDS)}.",
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _no_call_keywords(cls, value: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(CALL_KEYWORDS.intersection(value))
+        if clash:
+            raise ValueError(
+                f"keys {clash} collide with keywords the service passes to TRL-style "
+                "functions; rename those dataset columns (or leave them out of "
+                "data.metadata_fields)"
+            )
+        return value
 
 
 class ScoreRequest(BaseModel):
@@ -124,18 +158,34 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+def _label(value: Any) -> Any:
+    """OpenRLHF sends labels as the dataset holds them: a number as its string form, and
+    `""` (no label key set) as no label."""
+    if isinstance(value, bool):
+        raise ValueError("a label must be a string or a number, not a boolean")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"a numeric label must be finite, not {value!r}")
+        return str(value)
+    return None if value == "" else value
+
+
+Label = Annotated[str | None, BeforeValidator(_label)]
+
+
 class OpenRLHFRequest(BaseModel):
     """Body of `POST /get_reward` (OpenRLHF's remote reward-model format).
 
-    `query[i]` is prompt + completion; `labels[i]` is the reference answer. Unknown
-    fields are ignored, as OpenRLHF versions differ in what else they send.
+    `query[i]` is prompt + completion; `labels[i]` is the reference answer (a number is
+    taken as its string form, `""` as no label). Unknown fields are ignored, as OpenRLHF
+    versions differ in what else they send.
     """
 
     model_config = ConfigDict(extra="ignore")
 
     query: list[str]
     prompts: list[str]
-    labels: list[str | None] | None = None
+    labels: list[Label] | None = None
 
     @model_validator(mode="after")
     def _same_lengths(self) -> OpenRLHFRequest:
@@ -158,3 +208,20 @@ class OpenRLHFResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, list[float]] = Field(default_factory=dict)
+
+
+class FailedItem(BaseModel):
+    """One item of an OpenRLHF-format batch that could not be scored."""
+
+    index: int = Field(description="Its position in `query`.")
+    status: Status
+    error: str | None = None
+
+
+class OpenRLHFFailure(BaseModel):
+    """Body of the 502 answer to `POST /get_reward` when some items could not be scored
+    (the format has no per-item status, so nothing is scored rather than a fake reward)."""
+
+    detail: str
+    failed: list[int] = Field(description="Indices of the failed items, ascending.")
+    errors: list[FailedItem]

@@ -263,6 +263,7 @@ def _input(item: Item) -> VerifierInput:
         completion=item.completion,
         reference=item.reference,
         metadata=item.metadata,
+        completion_ids=item.completion_ids,
     )
 
 

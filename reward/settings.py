@@ -1,8 +1,9 @@
 """Settings of the reward service, read from the environment (prefix `GRPO_REWARD_`).
 
-This module owns every knob of the service: where it listens, its bearer token, request
-limits, the math worker pool, and the configured verifiers (remote services, custom
-in-process functions, regex patterns). Complex fields are JSON in the environment, e.g.
+This module owns every knob of the service: where it listens, its bearer token (without
+one it listens on loopback addresses only), request limits, the math worker pool, and
+the configured verifiers (remote services, custom in-process functions and their
+calling convention, regex patterns). Complex fields are JSON in the environment, e.g.
 `GRPO_REWARD_REMOTE_HOSTS='["rm.internal"]'`. Validation here rejects settings that
 cannot work, with messages that say what to change; checks that need imports or the
 environment (custom functions, token variables) happen when the app is built.
@@ -10,6 +11,7 @@ environment (custom functions, token variables) happen when the app is built.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from typing import Literal
@@ -76,6 +78,54 @@ class RemoteVerifierSettings(BaseModel):
         return f"{parts.scheme}://{parts.netloc}{path}"
 
 
+class CustomVerifierSettings(BaseModel):
+    """A user's function, called in the service's process in the calling convention of
+    TRL's `GRPOTrainer` (style `trl`, a batch per call) or of verl's `compute_score`
+    (style `verl`, an item per call). See docs/reward-protocol.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(description='Import path "pkg.mod:fn" of the function.')
+    style: Literal["trl", "verl"] = Field(
+        default="trl", description="Calling convention: TRL's reward functions or verl's."
+    )
+    conversational: bool = Field(
+        default=False,
+        description="Style trl only: pass prompts and completions as one-message chat lists "
+        '(`[{"role": "assistant", "content": ...}]`), as TRL does for chat datasets.',
+    )
+    data_source: str | None = Field(
+        default=None,
+        description="Style verl only: `data_source` for items whose metadata has none.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _import_path(cls, value: str) -> str:
+        module, _, attr = value.partition(":")
+        if not module or not attr:
+            raise ValueError(f"{value!r} is not an import path 'pkg.mod:fn'")
+        return value
+
+    @model_validator(mode="after")
+    def _options_fit_style(self) -> CustomVerifierSettings:
+        if self.style == "verl" and self.conversational:
+            raise ValueError("conversational applies to style 'trl' only; remove it or use 'trl'")
+        if self.style == "trl" and self.data_source is not None:
+            raise ValueError("data_source applies to style 'verl' only; remove it or use 'verl'")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (or `localhost`)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class RewardSettings(BaseSettings):
     """Settings of `grpo reward serve`, the driver's embedded service and `create_app`."""
 
@@ -85,7 +135,14 @@ class RewardSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="Port; 0 picks a free one.")
     token: SecretStr | None = Field(
         default=None,
-        description="When set, every route but /healthz needs `Authorization: Bearer <token>`.",
+        description="When set, every route but /healthz needs `Authorization: Bearer <token>`; "
+        "without it the service binds loopback addresses only.",
+    )
+    path_token: SecretStr | None = Field(
+        default=None,
+        description="A second secret for clients that cannot send headers (OpenRLHF): "
+        "`POST /openrlhf/<path_token>/get_reward` needs no Authorization header. It opens "
+        "that route only.",
     )
     max_request_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Larger bodies get 413."
@@ -106,9 +163,10 @@ class RewardSettings(BaseSettings):
     remote_verifiers: dict[str, RemoteVerifierSettings] = Field(
         default_factory=dict, description="Remote verifiers by name."
     )
-    custom_verifiers: dict[str, str] = Field(
+    custom_verifiers: dict[str, CustomVerifierSettings] = Field(
         default_factory=dict,
-        description='In-process TRL-style functions by name, as import paths "pkg.mod:fn".',
+        description='In-process functions by name: an import path "pkg.mod:fn" (style trl) '
+        'or `{"path", "style": "trl" | "verl", "conversational", "data_source"}`.',
     )
     regex_patterns: dict[str, str] = Field(
         default_factory=lambda: {"think_answer": THINK_ANSWER_PATTERN},
@@ -141,16 +199,29 @@ class RewardSettings(BaseSettings):
                 raise ValueError(f"regex pattern {name!r} does not compile: {exc}") from exc
         return value
 
-    @field_validator("custom_verifiers")
+    @field_validator("path_token")
     @classmethod
-    def _import_paths(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, path in value.items():
-            module, _, attr = path.partition(":")
-            if not module or not attr:
-                raise ValueError(
-                    f"custom verifier {name!r}: {path!r} is not an import path 'pkg.mod:fn'"
-                )
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("path_token must be at least 16 characters (it is a password)")
         return value
+
+    @field_validator("custom_verifiers", mode="before")
+    @classmethod
+    def _paths_are_trl_style(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        return {name: {"path": v} if isinstance(v, str) else v for name, v in value.items()}
+
+    @model_validator(mode="after")
+    def _tokenless_on_loopback_only(self) -> RewardSettings:
+        if self.token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address and no token is set: anyone "
+                "who reaches it could use the service; set GRPO_REWARD_TOKEN (and "
+                "GRPO_REWARD_PATH_TOKEN for OpenRLHF's client), or listen on 127.0.0.1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _remote_hosts_allowed(self) -> RewardSettings:

@@ -1,6 +1,10 @@
-"""TRL-style reward functions that the reward tests configure by import path."""
+"""Reward functions, in TRL's and verl's conventions, that the reward tests configure by
+import path."""
 
 from __future__ import annotations
+
+import asyncio
+import re
 
 
 def mentions_reference(prompts, completions, **kwargs):
@@ -25,3 +29,43 @@ def too_few(prompts, completions, **kwargs):
 def raises(prompts, completions, **kwargs):
     """Always raises."""
     raise RuntimeError("custom verifier exploded")
+
+
+# --- TRL's calling convention -----------------------------------------------------------
+
+CALLS: list[dict] = []
+
+
+def trl_docs_reward(completions, ground_truth, **kwargs):
+    """The example of TRL's docs: 1.0 if the \\boxed{} content equals `ground_truth`."""
+    matches = [re.search(r"\\boxed\{(.*?)\}", completion) for completion in completions]
+    contents = [match.group(1) if match else "" for match in matches]
+    return [1.0 if c == gt else 0.0 for c, gt in zip(contents, ground_truth, strict=True)]
+
+
+def keyword_probe(*, prompts, completions, reference, **kwargs):
+    """Records each call's keywords; 1.0 when the item's `expect` metadata equals its text."""
+    CALLS.append({"prompts": prompts, "completions": completions, "reference": reference,
+                  **kwargs})  # fmt: skip
+    return [1.0 if kwargs["expect"][i] == completions[i] else 0.0 for i in range(len(prompts))]
+
+
+async def async_boxed(prompts, completions, reference, **kwargs):
+    """An async TRL-style function: 1.0 if the reference is boxed in the completion."""
+    await asyncio.sleep(0)
+    return [None if ref is None else float(f"\\boxed{{{ref}}}" in text)
+            for text, ref in zip(completions, reference, strict=True)]  # fmt: skip
+
+
+# --- verl's calling convention ----------------------------------------------------------
+
+
+def verl_compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    """verl-style: the last number of the solution equals the ground truth."""
+    if extra_info and extra_info.get("explode"):
+        raise ValueError(f"cannot score item {extra_info['explode']}")
+    numbers = re.findall(r"-?\d+", solution_str)
+    correct = bool(numbers) and numbers[-1] == ground_truth
+    if data_source == "with_details":
+        return {"score": float(correct), "acc": correct, "pred": numbers[-1] if numbers else None}
+    return float(correct)

@@ -17,9 +17,9 @@ import pytest
 import reward_custom_verifiers
 from reward_testkit import item, running_service
 
+from httpedge import listen_socket
 from reward import ConfigurationError, RewardClient, RewardClientError, RewardSettings, create_app
 from reward.client import rewards_and_steps
-from reward.server import listen_socket
 
 TOKEN = "test-token-123"
 MAX_ITEMS = 8
@@ -62,7 +62,7 @@ def client(url):
 @pytest.mark.parametrize(
     ("headers", "reason"),
     [
-        ({}, "missing Authorization header"),
+        ({}, "missing bearer token"),
         ({"Authorization": "Bearer nope"}, "wrong bearer token"),
     ],
 )

@@ -15,7 +15,7 @@ from reward.errors import ConfigurationError
 from reward.settings import RewardSettings
 from reward.verifiers.arithmetic import arithmetic_steps_verifier
 from reward.verifiers.base import FunctionVerifier, Verifier, VerifierInput, VerifierOutput
-from reward.verifiers.custom import CustomVerifier
+from reward.verifiers.custom import TrlVerifier, VerlVerifier, custom_verifier
 from reward.verifiers.math_answer import MathVerifier
 from reward.verifiers.remote import RemoteVerifier
 from reward.verifiers.text import (
@@ -27,13 +27,14 @@ from reward.verifiers.text import (
 
 __all__ = [
     "BUILTIN_VERIFIERS",
-    "CustomVerifier",
     "FunctionVerifier",
     "MathVerifier",
     "RemoteVerifier",
+    "TrlVerifier",
     "Verifier",
     "VerifierInput",
     "VerifierOutput",
+    "VerlVerifier",
     "build_registry",
 ]
 
@@ -70,11 +71,11 @@ def build_registry(
     if settings.custom_verifiers:
         # The caller owns `threads` (RewardScorer shuts its pool down on close).
         pool = threads or cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="reward-custom")
-        for name, path in settings.custom_verifiers.items():
+        for name, config in settings.custom_verifiers.items():
             add(
                 name,
-                lambda name=name, path=path: CustomVerifier(
-                    name, path, timeout_s=settings.custom_timeout_s, threads=pool
+                lambda name=name, config=config: custom_verifier(
+                    name, config, timeout_s=settings.custom_timeout_s, threads=pool
                 ),
             )
     return registry

@@ -25,6 +25,7 @@ class VerifierInput:
     completion: str
     reference: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    completion_ids: Sequence[int] | None = None
 
 
 @dataclass(frozen=True)
