@@ -5,8 +5,9 @@
 at WARNING, with its method, route and the `detail` of its answer: a client that retries
 and then gives up (OpenRLHF ends its run after five failures) leaves the reason in the
 service's log. Routes are logged by template (`/openrlhf/{path_token}/get_reward`), so
-a secret in a path never reaches the log. An exception that escapes the app is logged
-by the server, not here.
+a secret in a path never reaches the log; characters that are not printable (a newline
+in a field name) are escaped, so a request cannot forge log lines. An exception that
+escapes the app is logged by the server, not here.
 """
 
 from __future__ import annotations
@@ -63,8 +64,13 @@ class ObserveMiddleware:
     def _log_refusal(self, scope: Scope, status: int, body: bytes) -> None:
         route = route_template(scope) or scope["path"][:200]
         self.logger.warning(
-            "refused %s %s with %d: %s", scope["method"], route, status, _reason(body)
-        )
+            "refused %s %s with %d: %s",
+            scope["method"], _printable(route), status, _printable(_reason(body)),
+        )  # fmt: skip
+
+
+def _printable(text: str) -> str:
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
 
 
 def _reason(body: bytes) -> str:

@@ -81,3 +81,11 @@ async def _hello(scope, receive, send) -> None:
         return
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"hello"})
+
+
+def test_a_refusal_cannot_forge_log_lines(api, caplog):
+    caplog.set_level(logging.WARNING, logger="services.api.app")
+    body = {"spec": {}, "bad\nWARNING forged": 1}
+    httpx.post(api + "/v1/jobs", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert "\n" not in line and "bad\\nWARNING forged" in line
