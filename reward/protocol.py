@@ -5,13 +5,15 @@ This module owns the wire format shared by the service (`reward.app`), its clien
 imports nothing but pydantic, so a driver or a user's own service can use it alone.
 
 Request models forbid unknown fields (a misspelt `refrence` is a 422, not a silently
-missing reference). Response models ignore unknown fields, so an older client keeps
-working against a newer service.
+missing reference), refuse text that is not valid Unicode (`ValidUnicode`) and weights
+whose sum would overflow (`check_weights`). Response models ignore unknown fields, so
+an older client keeps working against a newer service.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -33,12 +35,72 @@ CALL_KEYWORDS = frozenset(
 )
 
 
+def lone_surrogate_path(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string in ``value`` (dicts and lists as JSON decodes
+    them, keys included) that holds a lone UTF-16 surrogate such as ``"\\ud800"``, or
+    None. Such a string is not Unicode: it cannot be written as UTF-8."""
+    if isinstance(value, str):
+        return None if _is_unicode(value) else path or "(text)"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{_shown(key)}" if path else _shown(key)
+            if isinstance(key, str) and not _is_unicode(key):
+                return where
+            found = lone_surrogate_path(item, where)
+            if found is not None:
+                return found
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = lone_surrogate_path(item, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(key: object) -> str:
+    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class ValidUnicode(BaseModel):
+    """A body whose every string, mapping keys included, must be valid Unicode: a lone
+    surrogate anywhere is a 422 naming where, before any other field is read."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = lone_surrogate_path(data)
+        if where is not None:
+            raise ValueError(
+                f"{where}: holds a lone UTF-16 surrogate (such as \\ud800), which is not "
+                "valid Unicode; send the text as UTF-8 (pair every surrogate)"
+            )
+        return data
+
+
+def check_weights(refs: Sequence[VerifierRef]) -> None:
+    """ValueError when the verifiers' weights are so large that their sum overflows."""
+    if not math.isfinite(sum(abs(ref.weight) for ref in refs)):
+        raise ValueError(
+            "the verifiers' weights sum to more than a float can hold; use smaller weights"
+        )
+
+
 class VerifierRef(BaseModel):
     """One verifier applied to an item, with the weight of its reward in the item's sum."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, description="A name listed by `GET /v1/verifiers`.")
+    name: str = Field(
+        min_length=1, max_length=200, description="A name listed by `GET /v1/verifiers`."
+    )
     weight: float = Field(default=1.0, description="Multiplies this verifier's reward.")
 
     @field_validator("weight")
@@ -89,8 +151,13 @@ class Item(BaseModel):
             )
         return value
 
+    @model_validator(mode="after")
+    def _weights_fit(self) -> Item:
+        check_weights(self.verifiers or ())
+        return self
 
-class ScoreRequest(BaseModel):
+
+class ScoreRequest(ValidUnicode):
     """Body of `POST /v1/score`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -173,7 +240,7 @@ def _label(value: Any) -> Any:
 Label = Annotated[str | None, BeforeValidator(_label)]
 
 
-class OpenRLHFRequest(BaseModel):
+class OpenRLHFRequest(ValidUnicode):
     """Body of `POST /get_reward` (OpenRLHF's remote reward-model format).
 
     `query[i]` is prompt + completion; `labels[i]` is the reference answer (a number is

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -291,6 +292,9 @@ def combine(
             has_steps = True
             for end, value in output.step_rewards:
                 steps[end] = steps.get(end, 0.0) + ref.weight * value
+    if not math.isfinite(reward) or not all(map(math.isfinite, steps.values())):
+        error = "the weighted sum of the verifiers' rewards overflows; use smaller weights"
+        return Result(id=item_id, status="error", details=details, error=error)
     step_rewards = (
         [StepReward(end=end, reward=steps[end]) for end in sorted(steps)] if has_steps else None
     )

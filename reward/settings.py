@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from reward.patterns import compile_linear
+
 THINK_ANSWER_PATTERN = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$"
+DAY_S = 86_400.0
+"""Longest timeout or delay of any setting."""
 
 
 def _default_workers() -> int:
@@ -31,7 +34,7 @@ def _default_workers() -> int:
 class RemoteVerifierSettings(BaseModel):
     """A user's scoring service that a `remote` verifier calls over HTTP."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     url: str = Field(
         description="Endpoint URL; with no path, `/v1/score` (format v1) or `/get_reward` "
@@ -44,14 +47,16 @@ class RemoteVerifierSettings(BaseModel):
         default=None,
         description="Name of an environment variable holding a bearer token for the service.",
     )
-    timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one HTTP attempt.")
+    timeout_s: float = Field(
+        default=30.0, gt=0, le=DAY_S, description="Timeout of one HTTP attempt."
+    )
     retries: int = Field(
         default=2, ge=0, le=10, description="Extra attempts on 408, 429, 5xx and connection errors."
     )
     backoff_s: float = Field(
-        default=0.25, ge=0, description="First retry delay; doubles with each retry."
+        default=0.25, ge=0, le=DAY_S, description="First retry delay; doubles with each retry."
     )
-    max_batch: int = Field(default=256, ge=1, description="Most items sent in one call.")
+    max_batch: int = Field(default=256, ge=1, le=10**5, description="Most items sent in one call.")
     description: str = Field(default="", description="Shown by GET /v1/verifiers.")
     needs_reference: bool = Field(
         default=False, description="Items without a reference fail instead of being sent."
@@ -83,7 +88,7 @@ class CustomVerifierSettings(BaseModel):
     TRL's `GRPOTrainer` (style `trl`, a batch per call) or of verl's `compute_score`
     (style `verl`, an item per call). See docs/reward-protocol.md."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     path: str = Field(description='Import path "pkg.mod:fn" of the function.')
     style: Literal["trl", "verl"] = Field(
@@ -129,7 +134,9 @@ def is_loopback(host: str) -> bool:
 class RewardSettings(BaseSettings):
     """Settings of `grpo reward serve`, the driver's embedded service and `create_app`."""
 
-    model_config = SettingsConfigDict(env_prefix="GRPO_REWARD_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="GRPO_REWARD_", extra="forbid", frozen=True, allow_inf_nan=False
+    )
 
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port; 0 picks a free one.")
@@ -145,17 +152,34 @@ class RewardSettings(BaseSettings):
         "that route only.",
     )
     max_request_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=1024, description="Larger bodies get 413."
+        default=16 * 1024 * 1024,
+        ge=1024,
+        le=2**31,
+        description="Larger bodies get 413. 16 MiB holds a full batch of the driver's client "
+        "(256 items) at 64 KB per item, a 16K-token completion with its prompt, and keeps "
+        "what one request makes the service parse and hold (several times the body's "
+        "bytes) in tens of MiB; raise it for longer completions.",
     )
-    max_items: int = Field(default=4096, ge=1, description="More items per request get 413.")
+    max_items: int = Field(
+        default=4096, ge=1, le=10**6, description="More items per request get 413."
+    )
     workers: int = Field(
-        default_factory=_default_workers, ge=1, description="Processes checking math answers."
+        default_factory=_default_workers,
+        ge=1,
+        le=1024,
+        description="Processes checking math answers.",
     )
     item_timeout_s: float = Field(
-        default=10.0, gt=0, description="Per-item deadline of local verifiers → status timeout."
+        default=10.0,
+        gt=0,
+        le=DAY_S,
+        description="Per-item deadline of local verifiers → status timeout.",
     )
     custom_timeout_s: float = Field(
-        default=60.0, gt=0, description="Deadline of one call of a custom verifier function."
+        default=60.0,
+        gt=0,
+        le=DAY_S,
+        description="Deadline of one call of a custom verifier function.",
     )
     remote_hosts: list[str] = Field(
         default_factory=list, description="Hosts remote verifiers may call (exact hostnames)."
@@ -185,7 +209,10 @@ class RewardSettings(BaseSettings):
         default=1e-12, ge=0, description="Absolute tolerance of numeric."
     )
     cache_size: int = Field(
-        default=16384, ge=0, description="Results kept by (job_id, step, id); 0 disables."
+        default=16384,
+        ge=0,
+        le=10**7,
+        description="Results kept by (job_id, step, id); 0 disables.",
     )
     log_level: str = Field(default="info", description="uvicorn's log level.")
 
@@ -194,9 +221,9 @@ class RewardSettings(BaseSettings):
     def _patterns_compile(cls, value: dict[str, str]) -> dict[str, str]:
         for name, pattern in value.items():
             try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"regex pattern {name!r} does not compile: {exc}") from exc
+                compile_linear(pattern)
+            except ValueError as exc:
+                raise ValueError(f"regex pattern {name!r}: {exc}") from None
         return value
 
     @field_validator("path_token")

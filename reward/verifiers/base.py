@@ -129,23 +129,27 @@ def missing_reference(name: str) -> VerifierOutput:
     return VerifierOutput.failed(f"verifier {name!r} needs the item's 'reference'")
 
 
+_BOXED = "\\boxed{"
+
+
 def last_boxed(text: str) -> tuple[int, int] | None:
     """Span `(start, end)` of the last `\\boxed{...}` in `text` (braces balanced), or None.
 
     `text[start:end]` is the whole `\\boxed{...}`; the content is `text[start + 7:end - 1]`.
+    One right-to-left scan, linear in `len(text)`: the closing braces not yet matched
+    wait on a stack, each `{` takes the nearest one, and the first matched `{` that ends
+    a `\\boxed{` is the last balanced box.
     """
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        depth = 0
-        for pos in range(start + len("\\boxed"), len(text)):
-            char = text[pos]
-            if char == "{":
-                depth += 1
-            elif char == "}":
-                depth -= 1
-                if depth == 0:
-                    return start, pos + 1
-        start = text.rfind("\\boxed{", 0, start)
+    closing: list[int] = []
+    for pos in range(len(text) - 1, -1, -1):
+        char = text[pos]
+        if char == "}":
+            closing.append(pos)
+        elif char == "{" and closing:
+            end = closing.pop()
+            start = pos - len(_BOXED) + 1
+            if start >= 0 and text.startswith(_BOXED, start):
+                return start, end + 1
     return None
 
 
@@ -155,4 +159,4 @@ def boxed_content(text: str) -> str | None:
     if span is None:
         return None
     start, end = span
-    return text[start + len("\\boxed{") : end - 1]
+    return text[start + len(_BOXED) : end - 1]

@@ -5,7 +5,9 @@ fractions, plain final answers) and calls `verify(gold, answer)`; it runs in a w
 main thread under the pool's deadline (`reward.verifiers.pool`), with math-verify's own
 signal timeout disabled because that one reports a timeout as a wrong answer. Text with
 no parsable answer is a wrong answer (reward 0), not an error; a reference that does not
-parse is an error, since no completion could ever match it.
+parse is an error, since no completion could ever match it. math-verify answers text it
+cannot read (`???`, `\\frac{`) with the text itself and no expression: such a reference
+does not parse either.
 
 math-verify (and sympy) are imported where they run: in the workers, preloaded once by
 the fork server. The service process itself never imports them.
@@ -51,7 +53,7 @@ def check_math(reference: str, completion: str) -> tuple[float, dict[str, Any]]:
     from math_verify import parse, verify
 
     gold = _parse_reference(reference)
-    if not gold:
+    if all(isinstance(target, str) for target in gold):
         raise ValueError(f"reference {reference[:_DETAIL_CHARS]!r} does not parse as math")
     answer = parse(completion, parsing_timeout=None)
     correct = bool(answer) and verify(list(gold), answer, timeout_seconds=None)

@@ -1,8 +1,11 @@
 """Cheap string verifiers that run in the service process: `exact`, `numeric`, `regex`
 and `answer_format`.
 
-Each is a pure per-item function wrapped in a `FunctionVerifier`. They are fast and
-bounded by the completion's length, so they need no worker process.
+Each is a pure per-item function wrapped in a `FunctionVerifier`. Each runs in time
+linear in the completion's length (one right-to-left scan for the last `\\boxed{}`,
+regular expressions without nested or adjacent unbounded repeats, and RE2 for the
+configured format patterns), so they need no worker process or deadline. A reference
+that gives no answer to compare with (empty, or an unbalanced `\\boxed{`) is an error.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import math
 import re
 from fractions import Fraction
 
+from reward.patterns import compile_linear
 from reward.verifiers.base import (
     FunctionVerifier,
     VerifierInput,
@@ -27,14 +31,22 @@ _FRACTION = re.compile(r"([-+]?\d+)\s*/\s*(\d+)")
 _LATEX_FRACTION = re.compile(r"([-+]?)\\d?frac\{\s*([-+]?\d+)\s*\}\{\s*(\d+)\s*\}")
 
 
-def _unboxed(text: str) -> str:
+def reference_answer(reference: str | None) -> str:
+    """The answer a reference gives: its last `\\boxed{}` content if it has one, else the
+    stripped text. ValueError (the item's error) when that is empty or the box unbalanced."""
+    text = (reference or "").strip()
     content = boxed_content(text)
-    return (content if content is not None else text).strip()
+    if content is None and "\\boxed{" in text:
+        raise ValueError(f"reference {text[:80]!r} has an unbalanced \\boxed{{; fix the data")
+    answer = (text if content is None else content).strip()
+    if not answer:
+        raise ValueError("the reference is empty; give the answer to compare with")
+    return answer
 
 
 def exact(item: VerifierInput) -> VerifierOutput:
     """1 if the stripped completion, or its last `\\boxed{}` content, equals the reference."""
-    reference = _unboxed(item.reference or "")
+    reference = reference_answer(item.reference)
     completion = item.completion.strip()
     boxed = boxed_content(completion)
     if completion == reference or completion == (item.reference or "").strip():
@@ -79,7 +91,7 @@ def final_number(completion: str) -> float | None:
 
 def make_numeric(rel_tol: float, abs_tol: float):
     def numeric(item: VerifierInput) -> VerifierOutput:
-        reference = to_number(_unboxed(item.reference or ""))
+        reference = to_number(reference_answer(item.reference))
         if reference is None:
             return VerifierOutput.failed(f"reference {item.reference!r} is not a number")
         value = final_number(item.completion)
@@ -90,7 +102,7 @@ def make_numeric(rel_tol: float, abs_tol: float):
 
 
 def make_regex(pattern: str):
-    compiled = re.compile(pattern, re.DOTALL)
+    compiled = compile_linear(pattern)
 
     def regex(item: VerifierInput) -> VerifierOutput:
         return VerifierOutput.ok(1.0 if compiled.search(item.completion) else 0.0)
@@ -130,7 +142,7 @@ def regex_verifier(name: str, pattern: str) -> FunctionVerifier:
         name,
         make_regex(pattern),
         description=f"format reward: 1 if the completion matches {pattern!r} "
-        "(re.search, DOTALL), else 0",
+        "(RE2 search, dot matches newline), else 0",
         needs_reference=False,
     )
 
