@@ -19,7 +19,7 @@ AdvantageScale = Literal["group", "batch", "none"]
 class AlgorithmConfig(BaseModel):
     """The GRPO objective (DeepSeekMath eq. 3) and its common variants."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     clip_low: float = Field(0.2, ge=0.0, lt=1.0, description="ε of the lower clip: ρ ≥ 1 − ε.")
     clip_high: float = Field(0.2, ge=0.0, description="ε of the upper clip: ρ ≤ 1 + ε (DAPO).")

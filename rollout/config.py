@@ -15,15 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class RolloutConfig(BaseModel):
     """How many engines run, what they sample, and how they are supervised."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
-    engines: int = Field(1, ge=1)
+    engines: int = Field(1, ge=1, le=1024)
     """Number of vLLM engine actors in the pool."""
 
-    group_size: int = Field(8, ge=2)
+    group_size: int = Field(8, ge=2, le=4096)
     """G: completions sampled per question (vLLM ``n``). GRPO needs at least 2."""
 
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: int = Field(64, ge=1, le=2**20)
     """Most tokens generated per completion."""
 
     temperature: float = Field(1.0, gt=0.0)
@@ -34,13 +36,13 @@ class RolloutConfig(BaseModel):
     """Nucleus sampling mass. Below 1 the reported log-probabilities are those of
     the truncated, renormalised distribution (see docs/rollout.md)."""
 
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = Field((), max_length=64)
     """Stop strings; the completion text ends before the first one."""
 
-    max_model_len: int | None = Field(None, ge=16)
+    max_model_len: int | None = Field(None, ge=16, le=2**24)
     """Context length of the engine (prompt + completion); None: the model's own."""
 
-    kv_cache_gib: int = Field(1, ge=1)
+    kv_cache_gib: int = Field(1, ge=1, le=4096)
     """KV cache per engine on the CPU backend, in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
     Ignored on GPUs, where ``gpu_memory_utilization`` sizes the cache."""
 
@@ -48,7 +50,7 @@ class RolloutConfig(BaseModel):
     """Fraction of GPU memory vLLM may take; None: 0.85 on a GPU, 0.05 on CPU
     (where it only bounds a start-up memory check)."""
 
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=1024)
     """CPU threads per engine (OpenMP); None: the node's cores divided among the
     engines. Ignored on GPUs."""
 
@@ -60,14 +62,14 @@ class RolloutConfig(BaseModel):
     """Run the model without torch.compile: engines start about 20 s faster on
     CPU, at some cost in generation speed."""
 
-    call_timeout_s: float = Field(600.0, gt=0.0)
+    call_timeout_s: float = Field(600.0, gt=0.0, le=86_400.0)
     """Longest any single call to an engine (generate, weight load) may take
     before the engine is declared hung, killed and replaced."""
 
-    start_timeout_s: float = Field(900.0, gt=0.0)
+    start_timeout_s: float = Field(900.0, gt=0.0, le=86_400.0)
     """Longest an engine may take to start (imports, model load, warm-up)."""
 
-    max_retries: int = Field(2, ge=0)
+    max_retries: int = Field(2, ge=0, le=100)
     """How many times a failed engine is replaced within one pool call before
     the call gives up with an error."""
 

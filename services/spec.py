@@ -5,22 +5,44 @@ fields, constrains its values, and cross-field rules fail with a message that
 names the field and what to change. The spec is validated once and frozen;
 ``--set key=value`` overrides are applied to the raw mapping before validation.
 The rollout and algorithm sections are owned by ``rollout`` and ``learner``.
+
+Every number is bounded (a spec is user input: ``train.steps: 1e30`` or ``num_gpus:
+1e9`` is a 422 now, not a run that fails hours later) and finite (``Infinity`` and
+``NaN`` are refused), every text field must be valid Unicode (``ValidUnicode``), and
+``reward.url`` must be an http(s) URL (``services.reward_urls``).
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from learner.config import AlgorithmConfig, LearnerConfig
-from reward.protocol import VerifierRef
+from reward.protocol import ValidUnicode, VerifierRef, check_weights
 from rollout.config import RolloutConfig
+from services import reward_urls
 
-_STRICT = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+_STRICT = ConfigDict(
+    extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+)
+MAX_STEPS = 10**7
+"""Most steps (and step counts: warm-up, eval and checkpoint periods) a job may name."""
+MAX_SECONDS = 86_400.0
+"""Longest timeout (any ``*_s`` field): a day."""
+MAX_SEED = 2**32 - 1
+"""vLLM seeds numpy with the engine's seed (``seed`` + engine index): numpy takes
+seeds below 2^32."""
 
 
 class SpecError(ValueError):
@@ -30,7 +52,7 @@ class SpecError(ValueError):
 class ModelSpec(BaseModel):
     model_config = _STRICT
 
-    path: str
+    path: str = Field(min_length=1, max_length=4096)
     """A Hugging Face model directory (local, or on storage every node reaches)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto: bfloat16 on GPUs, float32 on CPU."""
@@ -41,80 +63,113 @@ class ModelSpec(BaseModel):
 class DataSpec(BaseModel):
     model_config = _STRICT
 
-    train: str
+    train: str = Field(min_length=1, max_length=4096)
     """Training questions: a .jsonl or .parquet file, or a Hugging Face dataset directory."""
-    eval: str | None = None
+    eval: str | None = Field(None, min_length=1, max_length=4096)
     """Held-out questions for evaluation (same formats); null turns evaluation off."""
-    prompt_field: str = "question"
-    answer_field: str = "answer"
+    prompt_field: str = Field("question", min_length=1, max_length=256)
+    answer_field: str = Field("answer", min_length=1, max_length=256)
     chat_template: bool = False
     """Wrap each question as a user message and apply the tokenizer's chat template."""
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(None, max_length=100_000)
     """System message put before the question when chat_template is on."""
 
 
 class RewardSpec(BaseModel):
     model_config = _STRICT
 
-    url: str | None = None
-    """A running reward service; null: the driver starts one with a fresh token."""
-    token_env: str | None = "GRPO_REWARD_TOKEN"
+    url: str | None = Field(None, max_length=2048)
+    """A running reward service (http:// or https://); null: the driver starts one with a
+    fresh token. A job submitted to the job API must name a URL it allows
+    (GRPO_API_ALLOWED_REWARD_URLS)."""
+    token_url: str | None = Field(None, max_length=2048)
+    """The base URL the token of ``token_env`` is for: it is sent only to URLs of this
+    scheme, host and port. The job API sets it to the allowlist entry that ``url``
+    matched; null (``grpo train``): the token goes to ``url``."""
+    token_env: str | None = Field("GRPO_REWARD_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
     """Environment variable holding the bearer token of the service at ``url``."""
-    verifiers: tuple[VerifierRef, ...] = (VerifierRef(name="math"),)
+    verifiers: tuple[VerifierRef, ...] = Field((VerifierRef(name="math"),), max_length=64)
     supervision: Literal["outcome", "process"] = "outcome"
     """outcome: one reward per completion; process: per-step rewards (§4.1.3)."""
-    eval_verifier: str = "math"
+    eval_verifier: str = Field("math", min_length=1, max_length=200)
     """The verifier that decides eval/accuracy (reward ≥ 1 counts as correct)."""
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0, le=MAX_SECONDS)
+
+    @field_validator("url", "token_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else reward_urls.check_url(value)
 
     @model_validator(mode="after")
     def _verifiers_present(self) -> RewardSpec:
         if not self.verifiers:
             raise ValueError("reward.verifiers is empty; name at least one verifier")
+        check_weights(self.verifiers)
+        return self
+
+    @model_validator(mode="after")
+    def _token_url_fits(self) -> RewardSpec:
+        if self.token_url is None:
+            return self
+        if self.url is None or not reward_urls.may_send_token(self.url, self.token_url):
+            raise ValueError(
+                "reward.token_url must have the scheme, host and port of reward.url (the "
+                "token is sent nowhere else); fix it, or remove it to trust reward.url"
+            )
         return self
 
 
 class TrainSpec(BaseModel):
     model_config = _STRICT
 
-    steps: int = Field(200, ge=1)
-    questions_per_step: int = Field(16, ge=1)
-    updates_per_step: int = Field(1, ge=1)
+    steps: int = Field(200, ge=1, le=MAX_STEPS)
+    questions_per_step: int = Field(16, ge=1, le=10**5)
+    updates_per_step: int = Field(1, ge=1, le=10**4)
     """Mini-batch updates per step; above 1 the batch is split and clipping matters."""
     lr: float = Field(1e-5, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
-    micro_batch_tokens: int = Field(4096, ge=16)
+    micro_batch_tokens: int = Field(4096, ge=16, le=2**24)
     """Most tokens (prompt + completion) in one forward/backward pass of the learner."""
     gradient_checkpointing: bool = False
     mode: Literal["sync", "async"] = "sync"
     """async: generation of step k+1 overlaps training of step k."""
-    max_staleness: int = Field(1, ge=0)
+    max_staleness: int = Field(1, ge=0, le=1000)
     """async: rollouts sampled more than this many weight versions ago are dropped."""
-    eval_every: int = Field(20, ge=0)
+    eval_every: int = Field(20, ge=0, le=MAX_STEPS)
     """Evaluate every N steps (and before the first and after the last); 0: only those two."""
-    eval_size: int = Field(200, ge=1)
+    eval_size: int = Field(200, ge=1, le=10**7)
+    max_unscorable_frac: float = Field(0.5, ge=0, le=1)
+    """A step whose fraction of unscorable completions is above this is a failed step:
+    over half the batch without a reward is a reward source that is broken, not noise."""
+    max_unscorable_steps: int = Field(3, ge=0, le=MAX_STEPS)
+    """The run fails after more consecutive failed steps than this (naming the reward
+    source and quoting its first error); 3 rides out a reward service restarting."""
 
 
 class CheckpointSpec(BaseModel):
     model_config = _STRICT
 
-    every: int = Field(50, ge=0)
+    every: int = Field(50, ge=0, le=MAX_STEPS)
     """Checkpoint every N steps (0: only at the end and on cancellation)."""
-    keep_last: int = Field(2, ge=1)
-    resume: str = "auto"
+    keep_last: int = Field(2, ge=1, le=10**4)
+    resume: str = Field("auto", min_length=1, max_length=4096)
     """auto: continue from the newest checkpoint in output.dir if any; never; or a path."""
 
 
 class OutputSpec(BaseModel):
     model_config = _STRICT
 
-    dir: str = "runs/default"
+    dir: str = Field("runs/default", min_length=1, max_length=4096)
     tensorboard: bool = False
     wandb: bool = False
     """Weights & Biases logging (set WANDB_MODE=offline to run without network)."""
-    samples_per_step: int = Field(4, ge=0)
+    samples_per_step: int = Field(4, ge=0, le=10**4)
+
+
+ResourceName = Annotated[str, Field(min_length=1, max_length=200)]
+ResourceAmount = Annotated[float, Field(ge=0, le=10**6)]
 
 
 class Resources(BaseModel):
@@ -122,11 +177,11 @@ class Resources(BaseModel):
 
     model_config = _STRICT
 
-    num_cpus: float | None = Field(None, ge=0)
-    num_gpus: float | None = Field(None, ge=0)
-    resources: dict[str, float] = {}
+    num_cpus: float | None = Field(None, ge=0, le=10**4)
+    num_gpus: float | None = Field(None, ge=0, le=1024)
+    resources: dict[ResourceName, ResourceAmount] = Field({}, max_length=64)
     """Custom Ray resources, e.g. {"rollout_node": 1} to pin a part to nodes that have them."""
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=1024)
     """CPU threads: the learner's torch threads, the reward service's verifier
     processes. Engines take theirs from ``rollout.threads``."""
 
@@ -134,20 +189,21 @@ class Resources(BaseModel):
 class ClusterSpec(BaseModel):
     model_config = _STRICT
 
-    ray_address: str | None = None
+    ray_address: str | None = Field(None, max_length=2048)
     """null: start a local Ray; otherwise the address of a running cluster."""
     learner: Resources = Resources()
     engines: Resources = Resources()
     reward: Resources = Resources()
 
 
-class JobSpec(BaseModel):
+class JobSpec(ValidUnicode):
     """A GRPO training job."""
 
     model_config = _STRICT
 
     name: str = Field("grpo-job", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    """Seeds the data order, the learner and the engines (engine i gets seed + i)."""
     model: ModelSpec
     data: DataSpec
     rollout: RolloutConfig = RolloutConfig()
@@ -166,6 +222,15 @@ class JobSpec(BaseModel):
                 f"train.updates_per_step ({self.train.updates_per_step}) must divide the "
                 f"batch of {completions} completions (train.questions_per_step × "
                 "rollout.group_size); change one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _engine_seeds_fit(self) -> JobSpec:
+        if self.seed + self.rollout.engines - 1 > MAX_SEED:
+            raise ValueError(
+                f"seed ({self.seed}) + rollout.engines - 1 exceeds {MAX_SEED}: engine i is "
+                "seeded with seed + i, and seeds must stay below 2^32; lower seed"
             )
         return self
 

@@ -38,7 +38,13 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def api(root):
-    settings = api_settings(root / "state", [root], dry=True, max_body_bytes=MAX_BODY)
+    settings = api_settings(
+        root / "state",
+        [root],
+        dry=True,
+        max_body_bytes=MAX_BODY,
+        allowed_reward_urls=["https://rm.example"],
+    )
     with running_api(settings) as (server, client):
         yield server, client
 
@@ -155,7 +161,9 @@ def test_malformed_specs_get_422_naming_the_field(http, spec, field, message):
         ({"output": {"dir": "/var/tmp/run"}}, "output.dir", "outside the allowed roots"),
         ({"checkpoint": {"resume": "escape/step_2"}}, "checkpoint.resume", "outside"),
         ({"cluster": {"ray_address": "ray://elsewhere:10001"}}, "cluster.ray_address", "null"),
-        ({"reward": {"url": "http://x", "token_env": "HOME"}}, "reward.token_env", "GRPO_REWARD_"),
+        ({"reward": {"url": "https://rm.example", "token_env": "HOME"}}, "reward.token_env",
+         "GRPO_REWARD_"),
+        ({"reward": {"url": "http://x"}}, "reward.url", "GRPO_API_ALLOWED_REWARD_URLS"),
     ],
 )
 def test_paths_outside_the_roots_get_422_naming_the_field(http, sections, field, message):

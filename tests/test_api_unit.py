@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.api import specs
-from services.api.launcher import RayJob
+from services.api.launcher import RayJob, RayUnavailable
 from services.api.reconciler import Reconciler
 from services.api.settings import ApiSettings
 from services.api.states import (
@@ -29,6 +30,7 @@ from services.api.states import (
     transition,
 )
 from services.api.store import JobStore, StaleRun
+from services.reward_urls import redact_url
 from services.spec import validate_spec
 
 EVENTS = st.lists(st.sampled_from(list(Event)), max_size=40)
@@ -213,7 +215,8 @@ def test_prepare_names_every_field_at_fault(roots):
         specs.prepare(bad, roots=roots, job_id="job-1")
     fields = [".".join(loc[1:]) for loc, _ in rejected.value.problems]
     assert fields == ["model.path", "data.train", "data.eval", "output.dir",
-                      "checkpoint.resume", "cluster.ray_address", "reward.token_env"]  # fmt: skip
+                      "checkpoint.resume", "cluster.ray_address", "reward.token_env",
+                      "reward.url"]  # fmt: skip
 
 
 def test_prepare_resolves_paths_and_gives_each_job_its_own_run_dir(roots):
@@ -238,12 +241,14 @@ def test_spec_hash_ignores_key_order_but_not_values():
 
 
 def test_urls_are_redacted():
-    assert specs.redact_url("https://user:pw@rm.internal/v1/score?key=s3cret") == (
+    assert redact_url("https://user:pw@rm.internal/v1/score?key=s3cret") == (
         "https://***@rm.internal/v1/score?***"
     )
-    assert specs.redact_url("http://rm.internal:8000") == "http://rm.internal:8000"
-    shown = specs.redact({"reward": {"url": "http://a:b@h/"}, "model": {"path": "m"}})
-    assert shown["reward"]["url"] == "http://***@h/"
+    assert redact_url("http://rm.internal:8000") == "http://rm.internal:8000"
+    shown = specs.redact(
+        {"reward": {"url": "http://a:b@h/", "token_url": "http://c:d@h"}, "model": {"path": "m"}}
+    )
+    assert shown["reward"] == {"url": "http://***@h/", "token_url": "http://***@h"}
 
 
 # ------------------------------------------------------------------ scheduling
@@ -319,3 +324,231 @@ def test_roots_and_database_default_to_absolute_paths(tmp_path, monkeypatch):
     assert settings.allowed_roots == [tmp_path.resolve()] and settings.host == "127.0.0.1"
     assert settings.database_url == f"sqlite:///{tmp_path.resolve() / '.grpo-api' / 'jobs.db'}"
     assert Path(settings.base_dir).is_absolute()
+
+
+# ------------------------------------------------------------- hardening (issue 17)
+
+
+def test_reward_urls_are_admitted_by_origin_and_pinned_in_the_drivers_spec(roots):
+    allowed = ["http://rm.internal:8000"]
+    prepared = specs.prepare(
+        spec(reward={"url": "http://rm.internal:8000/v1/score"}),
+        roots=roots,
+        job_id="job-1",
+        allowed_reward_urls=allowed,
+    )
+    assert prepared["reward"]["token_url"] == "http://rm.internal:8000"
+    # A submitted token_url is replaced by the entry that admitted the URL.
+    pinned = spec(
+        reward={"url": "http://rm.internal:8000/x", "token_url": "http://rm.internal:8000/y"}
+    )
+    prepared = specs.prepare(pinned, roots=roots, job_id="job-2", allowed_reward_urls=allowed)
+    assert prepared["reward"]["token_url"] == "http://rm.internal:8000"
+    for url in ("http://rm.internal.evil.example:8000", "http://169.254.169.254/latest",
+                "https://rm.internal:8000", "http://rm.internal:8001"):  # fmt: skip
+        with pytest.raises(specs.SpecRejected) as rejected:
+            specs.prepare(
+                spec(reward={"url": url}), roots=roots, job_id="j", allowed_reward_urls=allowed
+            )
+        assert [loc for loc, _ in rejected.value.problems] == [("body", "reward", "url")]
+    assert specs.prepare(spec(), roots=roots, job_id="j")["reward"]["token_url"] is None
+
+
+def test_no_reward_url_is_allowed_by_default_and_credentials_stay_hidden(roots):
+    with pytest.raises(specs.SpecRejected) as rejected:
+        specs.prepare(
+            spec(reward={"url": "http://u:s3cret@rm.internal/?key=k2"}), roots=roots, job_id="j"
+        )
+    (problem,) = rejected.value.problems
+    assert "none" in problem[1] and "s3cret" not in problem[1] and "k2" not in problem[1]
+
+
+def test_output_dir_may_not_be_an_allowed_root(roots):
+    for value in (str(roots[0]), ".", "models/.."):
+        with pytest.raises(specs.SpecRejected, match="output.dir|'..'"):
+            specs.prepare(spec(output={"dir": value}), roots=roots, job_id="j")
+
+
+def dry_service(tmp_path, roots, **settings):
+    from services.api.jobs import JobService
+
+    api = ApiSettings(token="t" * 32, state_dir=tmp_path / "state", allowed_roots=roots,
+                      dry=True, **settings)  # fmt: skip
+    return JobService(api, JobStore(api.database_url), None)
+
+
+def test_output_dirs_may_not_nest_with_other_jobs(tmp_path, roots):
+    from services.api.jobs import OutputDirInUse
+
+    service = dry_service(tmp_path, roots)
+    service.submit(spec(output={"dir": "runs/a"}), None)
+    service.store.apply(service.store.list_jobs()[0].id, Event.CANCEL)  # finished: still counts
+    for nested in ("runs", "runs/a/checkpoints"):
+        with pytest.raises(OutputDirInUse, match="inside one another"):
+            service.submit(spec(output={"dir": nested}), None)
+    job, created = service.submit(spec(output={"dir": "runs/ab"}), None)  # not a prefix match
+    assert created and job.output_dir.endswith("runs/ab")
+    job, created = service.submit(spec(output={"dir": "runs/a"}), None)  # the same dir: a rerun
+    assert created
+
+
+def test_driver_401s_say_the_same_for_known_and_unknown_jobs(tmp_path, roots):
+    from services.api.jobs import Unauthorized
+
+    service = dry_service(tmp_path, roots)
+    job, _ = service.submit(spec(), None)
+    messages = set()
+    for job_id in (job.id, "job-0000000000000000"):
+        with pytest.raises(Unauthorized) as refused:
+            service.authenticate_driver(job_id, "not-the-token")
+        messages.add(str(refused.value))
+    assert len(messages) == 1 and job.id not in messages.pop()
+
+
+class AcceptsThenErrs(StandInRay):
+    """Ray takes the first job, but the answer is lost (a timeout, a dropped connection);
+    the first ``stop_errors`` stops fail too."""
+
+    def __init__(self, stop_errors: int = 0) -> None:
+        super().__init__()
+        self.stop_errors = stop_errors
+
+    def submit(self, sid: str, spec: dict, env: dict) -> None:
+        super().submit(sid, spec, env)
+        if len(self.submitted) == 1:
+            raise RayUnavailable("Ray at http://ray:8265: read timed out")
+
+    def stop(self, sid: str) -> None:
+        if self.stop_errors:
+            self.stop_errors -= 1
+            raise RayUnavailable("Ray at http://ray:8265: connection refused")
+        super().stop(sid)
+
+
+def scheduler(tmp_path, ray, **overrides):
+    values = {"token": "t" * 32, "state_dir": tmp_path, "max_running": 2, **overrides}
+    settings = ApiSettings(**values)
+    store = JobStore(settings.database_url)
+    return Reconciler(settings, store, ray, "http://api:1"), store
+
+
+def queue(store, name: str) -> None:
+    store.create(job_id=f"job-{name}", name=name, spec={"checkpoint": {"resume": "never"}},
+                 spec_hash=name, idempotency_key=None, output_dir=name)  # fmt: skip
+
+
+def test_a_run_ray_took_but_the_store_could_not_record_is_stopped(tmp_path):
+    ray = AcceptsThenErrs()
+    reconciler, store = scheduler(tmp_path, ray)
+    queue(store, "a")
+    reconciler.tick()
+    assert store.get("job-a").state is JobState.FAILED
+    assert "read timed out" in store.get("job-a").error
+    assert ray.stopped == ["grpo-job-a-run1"]
+
+
+def test_an_orphan_that_could_not_be_stopped_at_once_is_stopped_later(tmp_path):
+    ray = AcceptsThenErrs(stop_errors=1)
+    reconciler, store = scheduler(tmp_path, ray)
+    queue(store, "a")
+    reconciler.tick()  # submit errs, and so does the stop
+    assert ray.stopped == [] and ray.status["grpo-job-a-run1"] == "RUNNING"
+    store.apply("job-a", Event.RESUME)
+    reconciler.tick()  # the orphan of run 1 is stopped; run 2 waits for it to end
+    assert ray.stopped == ["grpo-job-a-run1"]
+    assert store.get("job-a").state is JobState.QUEUED
+    reconciler.tick()
+    assert [sid for sid, _, _ in ray.submitted][-1] == "grpo-job-a-run2"
+    assert store.get("job-a").state is JobState.RUNNING
+
+
+def test_a_resumed_job_never_runs_beside_its_earlier_run(tmp_path):
+    ray = StandInRay()
+    reconciler, store = scheduler(tmp_path, ray)
+    queue(store, "a")
+    reconciler.tick()
+    store.apply("job-a", Event.FAIL, run=1, detail="driver lost")  # its Ray job still runs
+    store.apply("job-a", Event.RESUME)
+    reconciler.tick()
+    assert ray.stopped == ["grpo-job-a-run1"]
+    assert [sid for sid, _, _ in ray.submitted] == ["grpo-job-a-run1"]  # not yet run 2
+    reconciler.tick()
+    assert [sid for sid, _, _ in ray.submitted] == ["grpo-job-a-run1", "grpo-job-a-run2"]
+
+
+def test_the_driver_gets_the_allowlist_entry_in_its_spec_file(tmp_path, roots):
+    service = dry_service(tmp_path, roots, allowed_reward_urls=["http://rm.internal:8000"])
+    service.submit(spec(reward={"url": "http://rm.internal:8000/v1/score"}), None)
+    ray = StandInRay()
+    reconciler = Reconciler(service.settings, service.store, ray, "http://api:1")
+    reconciler.tick()
+    ((_, spec_file, _),) = ray.submitted
+    assert spec_file["reward"]["url"] == "http://rm.internal:8000/v1/score"
+    assert spec_file["reward"]["token_url"] == "http://rm.internal:8000"
+    assert validate_spec(spec_file).reward.token_url == "http://rm.internal:8000"
+
+
+class SlowView(StandInRay):
+    """One Ray cluster seen by two replicas: ``during_read`` runs after this replica
+    read Ray's jobs and before it acts on them (another replica's pass, interleaved)."""
+
+    def __init__(self, shared: StandInRay) -> None:
+        self.shared = shared
+        self.during_read = lambda: None
+        self.reads = 0
+
+    def jobs(self) -> dict[str, RayJob]:
+        self.reads += 1
+        seen = self.shared.jobs()
+        self.during_read()
+        return seen
+
+    def submit(self, sid: str, spec: dict, env: dict) -> None:
+        self.shared.submit(sid, spec, env)
+
+    def stop(self, sid: str) -> None:
+        self.shared.stop(sid)
+
+
+def test_two_replicas_on_one_database_never_schedule_at_once(tmp_path):
+    cluster = StandInRay()
+    replicas = [scheduler(tmp_path, SlowView(cluster), max_running=1) for _ in range(2)]
+    (a, store_a), (b, store_b) = replicas
+    queue(store_a, "x")
+    # B's pass would read Ray, then A would launch x, then B would act on what it read:
+    # without a lease B finds x RUNNING in the store but not in its view of Ray, and
+    # fails it as vanished.
+    b.launcher.during_read = a.tick
+    a.tick()
+    assert store_a.get("job-x").state is JobState.RUNNING
+    queue(store_b, "y")
+    b.tick()
+    assert b.launcher.reads == 0 and not b.leading
+    assert store_b.get("job-x").state is JobState.RUNNING
+    assert [sid for sid, _, _ in cluster.submitted] == ["grpo-job-x-run1"]
+    a.stop()  # gives the lease up: B takes over at once
+    b.launcher.during_read = lambda: None
+    cluster.status["grpo-job-x-run1"] = "SUCCEEDED"
+    b.tick()
+    assert b.leading and store_b.get("job-y").state is JobState.RUNNING
+    assert [sid for sid, _, _ in cluster.submitted] == ["grpo-job-x-run1", "grpo-job-y-run1"]
+
+
+def test_a_lapsed_lease_passes_to_another_replica(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'lease.db'}")
+    other = JobStore(f"sqlite:///{tmp_path / 'lease.db'}")
+    assert store.take_lease("scheduler", "a", 0.2)
+    assert store.take_lease("scheduler", "a", 0.2)  # renewed
+    assert not other.take_lease("scheduler", "b", 0.2)
+    time.sleep(0.3)  # a died without giving it up
+    assert other.take_lease("scheduler", "b", 0.2)
+    assert not store.take_lease("scheduler", "a", 0.2)
+    other.release_lease("scheduler", "b")
+    assert store.take_lease("scheduler", "a", 0.2)
+    store.close()
+    other.close()
+
+
+def test_the_scheduler_lease_must_outlast_a_pass():
+    with pytest.raises(ValueError, match="scheduler_lease_s"):
+        ApiSettings(token="t" * 32, poll_interval_s=10, scheduler_lease_s=15)

@@ -415,3 +415,19 @@ def test_the_job_api_finds_the_head_service_kuberay_makes():
     assert address == f"http://{cluster['metadata']['name']}-head-svc:8265"
     roots = json.loads(env["GRPO_API_ALLOWED_ROOTS"]["value"])
     assert roots and all(r in mounted_paths(cluster["spec"]) for r in roots)
+
+
+def test_the_job_api_allows_the_deployed_reward_service_and_no_other():
+    from services.api.settings import ApiSettings
+    from services.reward_urls import matching_entry
+
+    (api,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == "grpo-api"]
+    env = env_of(containers(api["spec"]["template"])[0])
+    allowed = json.loads(env["GRPO_API_ALLOWED_REWARD_URLS"]["value"])
+    (reward,) = [s for s in of_kind("Service") if s["metadata"]["name"] == "grpo-reward"]
+    (port,) = [p["port"] for p in reward["spec"]["ports"]]
+    assert allowed == [f"http://{reward['metadata']['name']}:{port}"]
+    assert ApiSettings(token="t" * 32, allowed_reward_urls=allowed).allowed_reward_urls
+    # What the manifests tell users to write is admitted; a look-alike host is not.
+    assert matching_entry("http://grpo-reward:8000/v1/score", allowed) == allowed[0]
+    assert matching_entry("http://grpo-reward.evil.example:8000", allowed) is None

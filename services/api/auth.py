@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from httpedge import Credentials, bearer_auth, bearer_scheme, presented_token, unauthorized
 from services.api.jobs import JobService, Unauthorized
-from services.api.store import Job, JobNotFound
+from services.api.store import Job
 
 admin_scheme = bearer_scheme("adminToken", "The API's admin token (GRPO_API_TOKEN).")
 job_scheme = bearer_scheme(
@@ -44,11 +44,8 @@ def driver_job(
     token = presented_token(credentials, "the job's token (GRPO_JOB_TOKEN)")
     try:
         return service.authenticate_driver(job_id, token)
-    except Unauthorized as error:
+    except Unauthorized as error:  # the same answer for unknown jobs (JobService)
         raise unauthorized(str(error)) from None
-    except JobNotFound:
-        # Answered like a wrong token, so the route does not reveal which jobs exist.
-        raise unauthorized("wrong token for this job") from None
 
 
 DriverJob = Annotated[Job, Depends(driver_job)]

@@ -22,10 +22,17 @@ from services.api import models, specs
 from services.api.launcher import RayLauncher, submission_id
 from services.api.settings import ApiSettings
 from services.api.states import Event, JobState
-from services.api.store import DuplicateKey, Job, JobStore
+from services.api.store import DuplicateKey, Job, JobNotFound, JobStore
 from services.spec import JobSpec
 
 log = logging.getLogger(__name__)
+
+WRONG_JOB_TOKEN = (
+    "wrong token for this job: driver routes take the job's own token (GRPO_JOB_TOKEN), "
+    "which changes with every run"
+)
+NO_TOKEN = "0" * 64
+"""Compared against when a job has no token, so that every refusal costs the same."""
 
 REPORTED_STATES = {
     "RUNNING": Event.START,
@@ -97,7 +104,12 @@ class JobService:
             if existing is not None:
                 return existing, False
         job_id = new_job_id()
-        prepared = specs.prepare(spec, roots=self.settings.allowed_roots, job_id=job_id)
+        prepared = specs.prepare(
+            spec,
+            roots=self.settings.allowed_roots,
+            job_id=job_id,
+            allowed_reward_urls=self.settings.allowed_reward_urls,
+        )
         try:
             self._require_free_output(prepared["output"]["dir"], job_id)
             job = self.store.create(
@@ -135,6 +147,13 @@ class JobService:
                 raise OutputDirInUse(
                     f"output.dir {output_dir} is used by job {other.id} ({other.state}); "
                     "give this job another output.dir or wait for that job to finish"
+                )
+        for other in self.store.nested_output_dirs(output_dir):
+            if other.id != job_id:
+                raise OutputDirInUse(
+                    f"output.dir {output_dir} and the output.dir of job {other.id} "
+                    f"({other.output_dir}) lie inside one another; give this job a "
+                    "directory of its own, beside the other runs"
                 )
 
     def get(self, job_id: str) -> models.Job:
@@ -250,12 +269,15 @@ class JobService:
     # ------------------------------------------------------- driver's reports
 
     def authenticate_driver(self, job_id: str, token: str) -> Job:
-        job = self.store.get(job_id)
-        if job.token_hash is None or not hmac.compare_digest(job.token_hash, token_digest(token)):
-            raise Unauthorized(
-                f"wrong token for job {job_id}: driver routes take the job's own token "
-                "(GRPO_JOB_TOKEN), which changes with every run"
-            )
+        """The job, if ``token`` is its current run's; ``Unauthorized`` (the same answer
+        whether or not the job exists, so the route does not reveal which jobs do)."""
+        try:
+            job = self.store.get(job_id)
+        except JobNotFound:
+            job = None
+        expected = job.token_hash if job is not None and job.token_hash else NO_TOKEN
+        if not hmac.compare_digest(expected, token_digest(token)) or job is None:
+            raise Unauthorized(WRONG_JOB_TOKEN)
         return job
 
     def report_state(self, job: Job, report: models.StateReport) -> models.ReportAck:

@@ -1,8 +1,10 @@
 """Typed request and response bodies of the job API (shared with ``services.client``).
 
-The submit body is ``services.spec.JobSpec`` itself. Timestamps are ISO 8601 (UTC).
-Lists page with ``limit`` and an opaque ``next`` cursor: pass a page's ``next`` back to
-get the following page; ``next`` is null on the last page.
+The submit body is ``services.spec.JobSpec`` itself. The driver's reports, like the
+spec, refuse text that is not valid Unicode (``reward.protocol.ValidUnicode``).
+Timestamps are ISO 8601 (UTC). Lists page with ``limit`` and an opaque ``next``
+cursor: pass a page's ``next`` back to get the following page; ``next`` is null on
+the last page.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reward.protocol import ValidUnicode
 from services.api.states import JobState
 
 _STRICT = ConfigDict(extra="forbid")
@@ -99,7 +102,7 @@ class ErrorBody(BaseModel):
 # --------------------------------------------------------------- driver's reports
 
 
-class StateReport(BaseModel):
+class StateReport(ValidUnicode):
     """The driver moved to ``state``."""
 
     model_config = _STRICT
@@ -108,7 +111,7 @@ class StateReport(BaseModel):
     error: str | None = Field(None, max_length=20_000)
 
 
-class MetricsReport(BaseModel):
+class MetricsReport(ValidUnicode):
     """One metrics record (one step); non-finite numbers are sent as null."""
 
     model_config = _STRICT
@@ -117,7 +120,7 @@ class MetricsReport(BaseModel):
     values: dict[str, int | float | None] = Field(max_length=1000)
 
 
-class CheckpointReport(BaseModel):
+class CheckpointReport(ValidUnicode):
     """A checkpoint (or the final model) was written at ``path``."""
 
     model_config = _STRICT

@@ -1,27 +1,39 @@
 """The job API's background loop: launch queued runs, reconcile with Ray, enforce grace.
 
-Every ``poll_interval_s`` (and right after a submit, cancel or resume) one thread:
+Every ``poll_interval_s`` (and right after a submit, cancel or resume) one thread
+first takes or renews the scheduler lease in the store (``JobStore.take_lease``): of
+several API replicas on one database only the holder runs the passes below, so no
+replica launches a run, or fails it as vanished, on the strength of a view of Ray
+that another replica just changed. A replica whose lease lapsed (it hung or died) is
+succeeded by another after ``scheduler_lease_s``; one that stops gives it up at once.
+Then:
 
 1. asks Ray for every job it knows (one request) and brings the store in line: a run
    whose Ray job succeeded, failed, was stopped or vanished gets the matching event
    (the transition table decides the state; a vanished or failed Ray job makes the run
    FAILED with the reason);
 2. stops the Ray job of a run that was asked to cancel more than ``cancel_grace_s``
-   ago and has not exited;
+   ago and has not exited, and every live Ray job of a run the store no longer
+   records as going on (``orphans``: an earlier run of a resumed job, or a FAILED
+   run, e.g. one whose submission errored after Ray had accepted it);
 3. launches the oldest QUEUED runs (FIFO) while fewer than ``max_running`` runs are
    busy: RUNNING or CANCELLING in the store, or with a Ray job that has not ended yet
-   (a driver reports its final state before it shuts its engines down).
+   (a driver reports its final state before it shuts its engines down). A job none of
+   whose earlier runs' Ray jobs has ended waits: two drivers never share an output.dir.
 
 A launch first records the run as RUNNING with its Ray submission id and a hash of a
 fresh per-run token (compare-and-set, so a run cancelled meanwhile is not launched),
-then submits it; a submission Ray refuses fails the run with Ray's message. In dry
-mode there is no launcher and the loop does nothing: jobs stay QUEUED.
+then submits it; a submission that errors fails the run with the error and stops
+whatever Ray may have started under that id. In dry mode there is no launcher and the
+loop does nothing: jobs stay QUEUED.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 
@@ -37,11 +49,15 @@ from services.api.launcher import (
 )
 from services.api.settings import ApiSettings
 from services.api.states import Event, IllegalTransition, JobState
-from services.api.store import Job, JobStore, StaleRun
+from services.api.store import Job, JobNotFound, JobStore, StaleRun
 
 log = logging.getLogger(__name__)
 
 JOB_ENV = ("GRPO_JOB_API_URL", "GRPO_JOB_ID", "GRPO_JOB_RUN", "GRPO_JOB_TOKEN")
+SCHEDULER_LEASE = "scheduler"
+ORPHANED = frozenset({JobState.FAILED})
+"""Store states of a current run whose live Ray job is stopped (CANCELLED and
+SUCCEEDED runs were ended by their drivers, which are shutting down by themselves)."""
 
 
 class Reconciler:
@@ -59,6 +75,8 @@ class Reconciler:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.launched = 0
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.leading = False
 
     # ------------------------------------------------------------------ loop
 
@@ -72,6 +90,9 @@ class Reconciler:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        with self._lock:
+            self.store.release_lease(SCHEDULER_LEASE, self.holder)
+            self.leading = False
 
     def wake(self) -> None:
         """Run a pass now rather than at the next period."""
@@ -90,6 +111,8 @@ class Reconciler:
 
     def tick(self) -> None:
         with self._lock:
+            if not self._lead():
+                return
             try:
                 ray_jobs = self.launcher.jobs()
             except (RayUnavailable, RayRejected) as error:
@@ -97,7 +120,18 @@ class Reconciler:
                 return
             self.reconcile(ray_jobs)
             self.enforce_grace(ray_jobs)
+            self.stop_orphans(ray_jobs)
             self.schedule(ray_jobs)
+
+    def _lead(self) -> bool:
+        """Take or renew the scheduler lease; whether this replica holds it."""
+        leading = self.store.take_lease(
+            SCHEDULER_LEASE, self.holder, self.settings.scheduler_lease_s
+        )
+        if leading != self.leading:
+            log.info("%s the scheduler lease (%s)", "took" if leading else "lost", self.holder)
+        self.leading = leading
+        return leading
 
     # ------------------------------------------------------------ the passes
 
@@ -147,15 +181,28 @@ class Reconciler:
                     continue
             self.store.mark_stop_requested(job.id, job.run)
 
+    def stop_orphans(self, ray_jobs: dict[str, RayJob]) -> None:
+        """Stop live Ray jobs of runs that the store no longer records as going on."""
+        for sid, ray_job in ray_jobs.items():
+            run_of = _run_of(sid)
+            if run_of is None or ray_job.terminal:
+                continue
+            try:
+                job = self.store.get(run_of[0])
+            except JobNotFound:
+                continue  # not this API's job
+            if run_of[1] < job.run or (run_of[1] == job.run and job.state in ORPHANED):
+                log.warning("job %s: stopping %s, a run it no longer records", job.id, sid)
+                self._stop_ray_job(sid)
+
     def schedule(self, ray_jobs: dict[str, RayJob]) -> None:
+        live = {sid for sid, ray_job in ray_jobs.items() if not ray_job.terminal}
         busy = {job.ray_submission_id for job in self.store.active()}
-        busy |= {
-            sid
-            for sid, ray_job in ray_jobs.items()
-            if sid.startswith(SUBMISSION_PREFIX) and not ray_job.terminal
-        }
+        busy |= {sid for sid in live if sid.startswith(SUBMISSION_PREFIX)}
         free = self.settings.max_running - len(busy)
-        for job in self.store.queued()[: max(free, 0)]:
+        running_jobs = {run_of[0] for run_of in map(_run_of, live) if run_of is not None}
+        waiting = [job for job in self.store.queued() if job.id not in running_jobs]
+        for job in waiting[: max(free, 0)]:
             self.launch(job)
 
     def launch(self, job: Job) -> None:
@@ -180,8 +227,18 @@ class Reconciler:
             self.launcher.submit(sid, specs.for_run(job.spec, job.run), env)
         except (RayUnavailable, RayRejected, OSError) as error:
             self._apply(job, Event.FAIL, f"could not submit the run to Ray: {error}")
+            self._stop_ray_job(sid)  # Ray may have accepted it before the error
             return
         self.launched += 1
+
+    def _stop_ray_job(self, sid: str) -> None:
+        """Stop a Ray job if Ray has it; a failure is logged."""
+        try:
+            self.launcher.stop(sid)
+        except (RayUnavailable, RayRejected) as error:
+            log.warning(
+                "could not stop Ray job %s (a later pass stops it if it runs): %s", sid, error
+            )
 
     def _apply(self, job: Job, event: Event, detail: str) -> None:
         try:
@@ -190,6 +247,14 @@ class Reconciler:
             return  # another writer got there first
         if updated.state is not previous:
             log.info("job %s: %s → %s (%s)", job.id, previous, updated.state, detail)
+
+
+def _run_of(sid: str) -> tuple[str, int] | None:
+    """``(job id, run)`` of a submission id made by ``submission_id``, else None."""
+    job_id, sep, run = sid.removeprefix(SUBMISSION_PREFIX).rpartition("-run")
+    if not sid.startswith(SUBMISSION_PREFIX) or not sep or not run.isdigit():
+        return None
+    return job_id, int(run)
 
 
 def _failure(ray_job: RayJob) -> str:

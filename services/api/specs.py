@@ -11,8 +11,14 @@ Here come the checks that only a shared service needs, before anything starts:
   cluster.
 - ``reward.token_env`` must name a ``GRPO_REWARD_*`` variable, so that a spec cannot
   send another secret of the driver's environment to a URL of its choosing.
+- ``reward.url``, when set, must have the scheme, host and port of an entry of
+  ``GRPO_API_ALLOWED_REWARD_URLS`` (``services.reward_urls``); the matched entry is
+  written into the driver's spec as ``reward.token_url``, the only origin the driver
+  sends the reward token to. A submitted ``token_url`` is replaced.
+- ``output.dir`` may not be an allowed root itself (it would hold every other run).
 
-A spec without ``output.dir`` gets its own run directory, ``runs/<job id>``.
+A spec without ``output.dir`` gets its own run directory, ``runs/<job id>``. These
+checks read only the spec and the API's settings (and resolve paths): no Ray.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
+from services.reward_urls import matching_entry, redact_url
 from services.spec import JobSpec
 
 PATH_FIELDS = (
@@ -35,7 +42,7 @@ PATH_FIELDS = (
 )
 CHECKPOINT_KEYWORDS = ("auto", "never")
 REWARD_TOKEN_PREFIX = "GRPO_REWARD_"
-REDACTED = "***"
+Problems = list[tuple[tuple[str, ...], str]]
 
 
 class SpecRejected(ValueError):
@@ -52,20 +59,14 @@ def spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def prepare(spec: JobSpec, *, roots: list[Path], job_id: str) -> dict[str, Any]:
+def prepare(
+    spec: JobSpec, *, roots: list[Path], job_id: str, allowed_reward_urls: Sequence[str] = ()
+) -> dict[str, Any]:
     """The spec the driver will get (a JSON mapping); ``SpecRejected`` lists every problem."""
     raw = spec.model_dump(mode="json")
     if "dir" not in spec.output.model_fields_set:
         raw["output"]["dir"] = f"runs/{job_id}"
-    problems: list[tuple[tuple[str, ...], str]] = []
-    for section, key in PATH_FIELDS:
-        value = raw[section][key]
-        if value is None or (section == "checkpoint" and value in CHECKPOINT_KEYWORDS):
-            continue
-        try:
-            raw[section][key] = str(confine(value, roots))
-        except ValueError as error:
-            problems.append((("body", section, key), str(error)))
+    problems = _confine_paths(raw, roots)
     if spec.cluster.ray_address not in (None, "auto"):
         problems.append(
             (
@@ -74,7 +75,39 @@ def prepare(spec: JobSpec, *, roots: list[Path], job_id: str) -> dict[str, Any]:
                 "cluster.ray_address null",
             )
         )
-    token_env = spec.reward.token_env
+    problems += _reward_problems(raw["reward"], allowed_reward_urls)
+    if problems:
+        raise SpecRejected(problems)
+    return raw
+
+
+def _confine_paths(raw: dict[str, Any], roots: list[Path]) -> Problems:
+    """Resolve every path field of ``raw`` in place; the problems of those that fail."""
+    problems: Problems = []
+    for section, key in PATH_FIELDS:
+        value = raw[section][key]
+        if value is None or (section == "checkpoint" and value in CHECKPOINT_KEYWORDS):
+            continue
+        try:
+            raw[section][key] = str(confine(value, roots))
+        except ValueError as error:
+            problems.append((("body", section, key), str(error)))
+    output = raw["output"]["dir"]
+    if Path(output) in roots:
+        problems.append(
+            (
+                ("body", "output", "dir"),
+                f"{output} is an allowed root itself, which holds other runs; give the job "
+                "a directory of its own under it, e.g. runs/<name>",
+            )
+        )
+    return problems
+
+
+def _reward_problems(reward: dict[str, Any], allowed: Sequence[str]) -> Problems:
+    """Check the token variable and admit ``reward.url``, setting ``reward.token_url``."""
+    problems: Problems = []
+    token_env = reward["token_env"]
     if token_env is not None and not token_env.startswith(REWARD_TOKEN_PREFIX):
         problems.append(
             (
@@ -82,9 +115,19 @@ def prepare(spec: JobSpec, *, roots: list[Path], job_id: str) -> dict[str, Any]:
                 f"must name a {REWARD_TOKEN_PREFIX}* environment variable, got {token_env!r}",
             )
         )
-    if problems:
-        raise SpecRejected(problems)
-    return raw
+    url = reward["url"]
+    reward["token_url"] = None if url is None else matching_entry(url, allowed)
+    if url is not None and reward["token_url"] is None:
+        listed = ", ".join(redact_url(entry) for entry in allowed) or "none"
+        problems.append(
+            (
+                ("body", "reward", "url"),
+                f"{redact_url(url)} is not a reward service this API allows (scheme, host "
+                f"and port of GRPO_API_ALLOWED_REWARD_URLS: {listed}); use one of them, or "
+                "reward.url: null to let the driver start its own",
+            )
+        )
+    return problems
 
 
 def confine(value: str, roots: list[Path]) -> Path:
@@ -120,15 +163,7 @@ def redact(spec: dict[str, Any]) -> dict[str, Any]:
     """A copy to show: credentials and query strings in URLs are replaced by ***."""
     shown = json.loads(json.dumps(spec))
     reward = shown.get("reward") or {}
-    if reward.get("url"):
-        reward["url"] = redact_url(reward["url"])
+    for key in ("url", "token_url"):
+        if reward.get(key):
+            reward[key] = redact_url(reward[key])
     return shown
-
-
-def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
-    query = REDACTED if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))

@@ -3,7 +3,8 @@
 SQLAlchemy 2 on SQLite by default (a file under the API's state directory) or any
 database by URL (Postgres in production). Everything a user can see survives a
 restart of the API: the job and its spec, each change of state, every metrics record
-and checkpoint the driver reported.
+and checkpoint the driver reported. The ``leases`` table lets replicas of the API on
+one database agree on which of them runs the scheduler (``take_lease``).
 
 A job's state is only ever written by ``JobStore.apply``, which runs the one
 transition function of ``services.api.states`` and writes the result with a
@@ -33,6 +34,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    or_,
     select,
     update,
 )
@@ -107,6 +109,16 @@ class EventRow(Base):
     from_state: Mapped[str] = mapped_column(String(16))
     to_state: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class LeaseRow(Base):
+    """Who holds a named lease, and until when (seconds since the epoch)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[float] = mapped_column(Float)
 
 
 @dataclass(frozen=True)
@@ -308,6 +320,22 @@ class JobStore:
         with self._tx() as session:
             return [Job.of(row) for row in session.scalars(query)]
 
+    def nested_output_dirs(self, output_dir: str) -> list[Job]:
+        """Jobs, in any state, whose output_dir lies inside ``output_dir`` or holds it."""
+        outer = [str(parent) for parent in Path(output_dir).parents]
+        inner = JobRow.output_dir.startswith(output_dir.rstrip("/") + "/", autoescape=True)
+        query = select(JobRow).where(or_(inner, JobRow.output_dir.in_(outer)))
+        with self._tx() as session:
+            found = [Job.of(row) for row in session.scalars(query)]
+        mine = Path(output_dir)
+        # LIKE ignores case on SQLite: keep exact path relations only.
+        return [
+            job
+            for job in found
+            if mine != Path(job.output_dir)
+            and (Path(job.output_dir).is_relative_to(mine) or mine.is_relative_to(job.output_dir))
+        ]
+
     def counts(self) -> dict[JobState, int]:
         query = select(JobRow.state, func.count()).group_by(JobRow.state)
         with self._tx() as session:
@@ -392,6 +420,39 @@ class JobStore:
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.run == run)
                 .values(stop_requested_at=time.time())
+            )
+
+    # ----------------------------------------------------------------- leases
+
+    def take_lease(self, name: str, holder: str, duration_s: float) -> bool:
+        """Take (or renew) lease ``name`` for ``duration_s`` if it is free, lapsed or
+        already ``holder``'s; False while someone else holds it. Each step is one
+        compare-and-set, so at most one holder has it at any time (with clocks that
+        agree to well within ``duration_s``)."""
+        now = time.time()
+        with self._tx() as session:
+            renewed = session.execute(
+                update(LeaseRow)
+                .where(
+                    LeaseRow.name == name,
+                    or_(LeaseRow.holder == holder, LeaseRow.expires_at < now),
+                )
+                .values(holder=holder, expires_at=now + duration_s)
+            ).rowcount
+        if renewed:
+            return True
+        try:
+            with self._tx() as session:
+                session.add(LeaseRow(name=name, holder=holder, expires_at=now + duration_s))
+        except IntegrityError:
+            return False  # held by another, or taken by another just now
+        return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give lease ``name`` up now if ``holder`` has it."""
+        with self._tx() as session:
+            session.execute(
+                delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder)
             )
 
     # ------------------------------------------------------- driver's reports
