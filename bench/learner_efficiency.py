@@ -56,7 +56,7 @@ def model_path(name: str) -> Path:
     if name == "demo":
         ensure_arithmetic_assets()
         return ARITHMETIC / "assets" / "base-model"
-    from services.tiny_model import tiny_model_dir
+    from services.embedded.tiny_model import tiny_model_dir
 
     return tiny_model_dir(name)
 

@@ -43,7 +43,9 @@ RESULTS = Path(__file__).parent / "results" / "rollout.json"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="20m", help="tiny-model size (services.tiny_model)")
+    parser.add_argument(
+        "--size", default="20m", help="tiny-model size (services.embedded.tiny_model)"
+    )
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=256)
@@ -145,6 +147,7 @@ class Pooled:
         self, model_dir: Path, args: argparse.Namespace, engines: int, threads: int
     ) -> None:
         from rollout import GroupRequest, RolloutConfig, RolloutPool, SamplingSpec
+        from services.train.parts import engine_placement
 
         self.config = RolloutConfig(
             engines=engines,
@@ -155,7 +158,9 @@ class Pooled:
             enforce_eager=args.eager,
         )
         start = time.perf_counter()
-        self.pool = RolloutPool(model_dir, self.config, dtype="float32", seed=0)
+        self.pool = RolloutPool(
+            model_dir, self.config, dtype="float32", seed=0, placement=engine_placement(self.config)
+        )
         self.start_s = time.perf_counter() - start
         self.requests = [
             GroupRequest(f"q{i}", p, seed=i) for i, p in enumerate(prompts(args.questions))
@@ -217,8 +222,8 @@ def main() -> None:
     args = parse_args()
     import ray
 
-    from rollout.pool import cpu_engine_env
-    from services.tiny_model import parameter_count, tiny_model_dir
+    from services.embedded.tiny_model import parameter_count, tiny_model_dir
+    from services.train.parts import cpu_engine_env
 
     model_dir = tiny_model_dir(args.size)
     cpu_ids = sorted(os.sched_getaffinity(0))

@@ -1,7 +1,7 @@
 """Benchmark: weight sync to every engine versus model size, through the Ray object store.
 
 For each model (``--models``; default the project's ``tiny`` model, the arithmetic
-demo's base model and the ~100M-parameter ``100m`` config of ``services.tiny_model``)
+demo's base model and the ~100M-parameter ``100m`` config of ``services.embedded.tiny_model``)
 it starts a ``rollout.RolloutPool`` of ``--engines`` vLLM engines and repeats, with the
 weights perturbed each time:
 
@@ -51,7 +51,7 @@ def model_dir(name: str) -> Path:
     if name == "demo":
         ensure_arithmetic_assets()
         return ARITHMETIC / "assets" / "base-model"
-    from services.tiny_model import tiny_model_dir
+    from services.embedded.tiny_model import tiny_model_dir
 
     return tiny_model_dir(name)
 
@@ -74,13 +74,14 @@ def measure(name: str, engines: int, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from rollout import RolloutConfig, RolloutPool, serialize_weights
+    from services.train.parts import engine_placement
 
     path = model_dir(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
     config = RolloutConfig(engines=engines, group_size=2, max_tokens=8, enforce_eager=True)
     start = time.perf_counter()
-    pool = RolloutPool(path, config, dtype="float32", seed=0)
+    pool = RolloutPool(path, config, dtype="float32", seed=0, placement=engine_placement(config))
     start_s = time.perf_counter() - start
     rows = []
     try:

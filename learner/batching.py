@@ -4,7 +4,10 @@ The driver hands the learner one ``TrainSample`` per completion: the token ids
 the engine saw and produced, the advantages (one per completion, or one per
 token under process supervision) and the engine's log-probabilities. This
 module owns turning a list of them into right-padded tensors whose token count
-stays under the learner's micro-batch budget.
+stays under the learner's micro-batch budget, and, with N learner ranks, the
+plan of each rank's micro-batches: every rank runs as many as the busiest one
+(an FSDP forward and backward are collectives), the missing ones being
+``None`` — a placeholder micro-batch (``placeholder``) of zero weight.
 """
 
 from __future__ import annotations
@@ -70,6 +73,33 @@ def split_by_tokens(samples: Sequence[TrainSample], max_tokens: int) -> list[lis
     return groups
 
 
+def minibatches(n_samples: int, updates: int) -> list[list[int]]:
+    """``updates`` consecutive chunks of ``range(n_samples)``, the last taking the rest."""
+    size = n_samples // updates if n_samples >= updates else n_samples
+    chunks = [list(range(start, start + size)) for start in range(0, n_samples, size)]
+    if len(chunks) > 1 and len(chunks[-1]) < size:
+        chunks[-2].extend(chunks.pop())
+    return chunks
+
+
+def plan_micro_batches(
+    samples: Sequence[TrainSample], shards: Sequence[Sequence[int]], rank: int, max_tokens: int
+) -> list[list[int] | None]:
+    """Rank ``rank``'s micro-batches (indices into ``samples``), padded with ``None``.
+
+    ``shards[r]`` are the indices of rank r's samples; each shard is split by
+    ``split_by_tokens``, and the list is padded to the longest plan of any rank.
+    With one shard of every sample this is ``split_by_tokens(samples, max_tokens)``.
+    """
+    plans = []
+    for shard in shards:
+        groups = split_by_tokens([samples[i] for i in shard], max_tokens)
+        plans.append([[shard[i] for i in group] for group in groups])
+    count = max(len(plan) for plan in plans)
+    mine: list[list[int] | None] = list(plans[rank])
+    return mine + [None] * (count - len(mine))
+
+
 def collate(samples: Sequence[TrainSample], indices: list[int], pad_id: int) -> MicroBatch:
     """Pad the samples at ``indices`` into one ``MicroBatch``."""
     chosen = [samples[i] for i in indices]
@@ -99,6 +129,11 @@ def collate(samples: Sequence[TrainSample], indices: list[int], pad_id: int) -> 
     return MicroBatch(
         input_ids, attention, positions, completion_ids, loss_mask, advantages, inference, indices
     )
+
+
+def placeholder(pad_id: int) -> MicroBatch:
+    """A one-token micro-batch for a rank with nothing left to run; its loss weighs 0."""
+    return collate([TrainSample([pad_id], [pad_id], 0.0)], [0], pad_id)
 
 
 def _token_advantages(advantages: float | Sequence[float], n_tokens: int) -> torch.Tensor:

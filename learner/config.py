@@ -52,7 +52,6 @@ class LearnerConfig(BaseModel):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     lr: float = Field(1e-5, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
-    total_steps: int = Field(1, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float | None = Field(1.0, gt=0.0)
     updates_per_step: int = Field(1, ge=1)

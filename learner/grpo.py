@@ -122,14 +122,23 @@ def outcome_advantages(
     if rewards.numel() == 0:
         return torch.zeros_like(rewards)
     valid = ~torch.isnan(rewards)
-    centered, count = _center(rewards, valid)
-    # Equal rewards are detected exactly: the centered values of a constant group
-    # can be rounding noise (mean of 0.7s != 0.7), which the division would amplify.
-    highest = torch.where(valid, rewards, -torch.inf).amax(-1, keepdim=True)
-    lowest = torch.where(valid, rewards, torch.inf).amin(-1, keepdim=True)
-    informative = valid & (count >= 2) & (highest > lowest)
+    centered, _ = _center(rewards, valid)
+    informative = valid & ~zero_variance_groups(rewards).unsqueeze(-1)
     scaled = scale_fn(centered, rewards, valid, eps)
     return torch.where(informative, scaled, torch.zeros_like(scaled))
+
+
+def zero_variance_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """``[num_groups]`` bool: groups that carry no learning signal under outcome
+    supervision — fewer than 2 valid (non-NaN) rewards, or all valid rewards equal.
+
+    Equality is exact: the centered values of a constant group can be rounding noise
+    (the mean of 0.7s is not 0.7), which dividing by the std would amplify.
+    """
+    valid = ~torch.isnan(rewards)
+    highest = torch.where(valid, rewards, -torch.inf).amax(-1)
+    lowest = torch.where(valid, rewards, torch.inf).amin(-1)
+    return (valid.sum(-1) < 2) | ~(highest > lowest)
 
 
 def _check_steps(
@@ -463,13 +472,3 @@ def truncated_is_weights(
             f"{tuple(old_logprobs.shape)} (the shape of old_logprobs)"
         )
     return (old_logprobs - inference_logprobs).detach().exp().clamp(max=cap)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of ``softmax(logits)`` over the last axis: ``[..., V] -> [...]``.
-
-    Entries with zero probability (logit ``-inf``) contribute 0, not NaN.
-    """
-    logp = torch.log_softmax(logits, dim=-1)
-    probs = logp.exp()
-    return -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)

@@ -1,13 +1,21 @@
 """The learner: the policy, its frozen reference, and the GRPO update.
 
 ``Learner`` is a plain class (the driver wraps it as a Ray actor, with a GPU
-when there is one). It owns the policy and reference models loaded from a
-Hugging Face directory, the optimizer and learning-rate schedule, the
-micro-batched GRPO update with gradient accumulation, the export of weights
-in Hugging Face naming for the rollout engines, and its part of a checkpoint.
+when there is one). It owns the optimizer and learning-rate schedule and the
+micro-batched GRPO update with gradient accumulation; its parts live beside
+it: the models and their log-probs (``learner.models``), the loss of a
+micro-batch (``learner.objective``), the weights' export (``learner.weights``),
+checkpoints (``learner.checkpoint``), and what only N ranks need
+(``learner.distributed``).
 
-Log-probabilities are those of the distribution the engines sample from:
-``log_softmax(logits / temperature)``, matching vLLM's ``processed_logprobs``.
+A learner is rank r of N (``DistContext``; ``None`` is one process). With
+N > 1 policy, reference and optimizer state are sharded with FSDP2, every
+rank receives the full batch and trains on its token-balanced share with the
+full batch's normalizer, and gradients are summed over ranks: the update is
+the single-process one. With N = 1 none of that runs and the arithmetic is
+the single-process code's, bit for bit. Methods marked *collective* must be
+called on every rank together, in the same order.
+
 With one update per step the old policy is the current one, so its
 log-probabilities come from the training forward pass itself (ρ = 1) and no
 extra forward pass is spent; with several updates they are computed once,
@@ -17,29 +25,23 @@ before the first.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as safetensors_bytes
+from torch.distributed.tensor import DTensor
 
-from learner.batching import MicroBatch, TrainSample, collate, split_by_tokens
+from learner import checkpoint, distributed, objective, weights
+from learner.batching import MicroBatch, TrainSample, collate, minibatches, placeholder
+from learner.batching import plan_micro_batches as plan
 from learner.config import LearnerConfig
-from learner.grpo import grpo_loss, masked_mean, truncated_is_weights
+from learner.distributed import DistContext
+from learner.metrics import MetricTotals
+from learner.models import load_models, pad_id, token_logprobs
 
 log = logging.getLogger(__name__)
-
-_SUMMED_METRICS = ("loss/policy",)
-_TOKEN_WEIGHTED_METRICS = (
-    "train/inference_logprob_abs_diff",
-    "loss/kl",
-    "loss/clip_frac_low",
-    "loss/clip_frac_high",
-    "loss/ratio_mean",
-)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -68,21 +70,24 @@ class Learner:
         dtype: str = "auto",
         seed: int = 0,
         threads: int | None = None,
+        dist_context: DistContext | None = None,
     ) -> None:
+        """Load the models; with ``dist_context.world_size > 1`` join the group (collective)."""
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(seed)
         self.config = config
+        self.context = dist_context or DistContext()
+        self.rank, self._sharded = self.context.rank, self.context.sharded
         self.device = resolve_device(device)
-        self.compute_dtype = resolve_dtype(dtype, self.device)
-        self.policy = _load_model(model_path, self.device)
-        self.reference = _load_model(model_path, self.device) if config.algorithm.beta > 0 else None
-        if self.reference is not None:
-            self.reference.requires_grad_(False).eval()
-        if config.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-        self.policy.train()
-        self.pad_id = _pad_id(self.policy)
+        compute_dtype = resolve_dtype(dtype, self.device)
+        use_autocast = self.device.type == "cuda" and compute_dtype != torch.float32
+        self._autocast_dtype = compute_dtype if use_autocast else None
+        distributed.join_group(self.context, self.device)
+        self.policy, self.reference = load_models(
+            model_path, config, self.device, sharded=self._sharded
+        )
+        self.pad_id = pad_id(self.policy)
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -96,42 +101,67 @@ class Learner:
     # ------------------------------------------------------------------ update
 
     def train_step(self, samples: Sequence[TrainSample]) -> dict[str, float]:
-        """One GRPO step on a batch of completions: ``updates_per_step`` optimizer updates."""
+        """One GRPO step: ``updates_per_step`` optimizer updates (collective).
+
+        Every rank gets the full batch and returns the same metrics.
+        """
         if not samples:
             raise ValueError("train_step got an empty batch; the driver must skip such steps")
         lr = self.scheduler.get_last_lr()[0]
         self._logprob_seconds = 0.0
-        old_logprobs = self._old_logprobs(samples) if self.config.updates_per_step > 1 else None
-        updates = []
-        for minibatch in _minibatches(len(samples), self.config.updates_per_step):
-            chosen = [samples[i] for i in minibatch]
-            old = [old_logprobs[i] for i in minibatch] if old_logprobs is not None else None
-            updates.append(self._update(chosen, old))
+        chunks = minibatches(len(samples), self.config.updates_per_step)
+        shards = [self._shards(samples, chunk) for chunk in chunks]
+        old_logprobs = None
+        if self.config.updates_per_step > 1:
+            own = [[i for shard in per_rank for i in shard] for per_rank in zip(*shards)]
+            old_logprobs = self._policy_logprobs(samples, own)
+        updates = [self._update(samples, c, s, old_logprobs) for c, s in zip(chunks, shards)]
         self.scheduler.step()
         self.steps_done += 1
         metrics = {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
-        return {**metrics, "train/lr": lr, "time/logprob_s": self._logprob_seconds}
+        return {**metrics, "train/lr": lr, "time/logprob_s": self._logprob_time()}
+
+    def _shards(self, samples: Sequence[TrainSample], indices: list[int]) -> list[list[int]]:
+        """Each rank's share of ``samples[indices]``, as indices into ``samples``."""
+        lengths = [samples[i].length for i in indices]
+        split = distributed.split_by_rank(lengths, self.context.world_size)
+        return [[indices[j] for j in shard] for shard in split]
 
     def _update(
-        self, samples: Sequence[TrainSample], old_logprobs: list[torch.Tensor] | None
+        self,
+        samples: Sequence[TrainSample],
+        chunk: list[int],
+        shards: list[list[int]],
+        old_logprobs: list[torch.Tensor] | None,
     ) -> dict[str, float]:
-        """One optimizer update over a mini-batch, accumulated over micro-batches."""
-        normalizer = self._normalizer(samples)
-        totals = _MetricTotals()
+        """One optimizer update over the mini-batch ``chunk``, accumulated over micro-batches."""
+        normalizer = objective.normalizer(self.config, [samples[i] for i in chunk])
+        totals = MetricTotals()
         self.optimizer.zero_grad(set_to_none=True)
-        for indices in split_by_tokens(samples, self.config.micro_batch_tokens):
-            batch = collate(samples, indices, self.pad_id).to(self.device)
-            old = _stack_rows([old_logprobs[i] for i in indices], batch) if old_logprobs else None
+        for indices in plan(samples, shards, self.rank, self.config.micro_batch_tokens):
+            batch = self._collate(samples, indices)
+            old = None
+            if old_logprobs and indices:
+                old = objective.stack_rows([old_logprobs[i] for i in indices], batch)
             loss, metrics = self._micro_loss(batch, old, normalizer)
+            if indices is None:
+                (loss * 0.0).backward()  # a placeholder: FSDP's collectives, no gradient
+                continue
             loss.backward()
             totals.add(metrics, tokens=float(batch.loss_mask.sum()))
         grad_norm = self._clip_and_step()
+        if self._sharded:
+            totals.sum_over_ranks(self.device)
         return {**totals.result(), "train/grad_norm": grad_norm}
+
+    def _collate(self, samples: Sequence[TrainSample], indices: list[int] | None) -> MicroBatch:
+        if indices is None:
+            return placeholder(self.pad_id).to(self.device)
+        return collate(samples, indices, self.pad_id).to(self.device)
 
     def _micro_loss(
         self, batch: MicroBatch, old_logprobs: torch.Tensor | None, normalizer: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        algorithm = self.config.algorithm
         logprobs = self._logprobs(self.policy, batch)
         old = logprobs.detach() if old_logprobs is None else old_logprobs
         ref = None
@@ -140,199 +170,104 @@ class Learner:
             with torch.no_grad():
                 ref = self._logprobs(self.reference, batch)
             self._logprob_seconds += time.perf_counter() - start
-        is_weights = None
-        if algorithm.tis_cap is not None:
-            is_weights = truncated_is_weights(old, batch.inference_logprobs, algorithm.tis_cap)
-        loss, metrics = grpo_loss(
-            logprobs,
-            old,
-            ref,
-            batch.advantages,
-            batch.loss_mask,
-            clip_low=algorithm.clip_low,
-            clip_high=algorithm.clip_high,
-            beta=algorithm.beta,
-            kl=algorithm.kl,
-            agg=algorithm.agg,
-            max_len=self.config.max_len,
-            is_weights=is_weights,
-            normalizer=normalizer,
-        )
-        mismatch = (old.detach() - batch.inference_logprobs).abs()
-        metrics["train/inference_logprob_abs_diff"] = float(masked_mean(mismatch, batch.loss_mask))
-        return loss, metrics
-
-    def _normalizer(self, samples: Sequence[TrainSample]) -> float:
-        """The full mini-batch's count, so that micro-batch losses sum to its loss."""
-        if self.config.algorithm.agg == "token_mean":
-            return float(max(sum(len(s.token_ids) for s in samples), 1))
-        return float(max(sum(1 for s in samples if len(s.token_ids)), 1))
+        return objective.micro_batch_loss(self.config, batch, logprobs, old, ref, normalizer)
 
     def _clip_and_step(self) -> float:
+        """Clip by the global gradient norm (over every rank's shard) and step."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = self.config.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.optimizer.step()
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         return float(grad_norm)
+
+    def _logprob_time(self) -> float:
+        """Seconds spent on log-prob passes this step: the slowest rank's."""
+        if not self._sharded:
+            return self._logprob_seconds
+        return distributed.all_reduce_floats([self._logprob_seconds], self.device, "max")[0]
 
     # ------------------------------------------------------------- log-probs
 
     def _logprobs(self, model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
-        """Log-probabilities ``[B, C]`` of the completion tokens under ``model``."""
-        autocast = torch.autocast("cuda", dtype=self.compute_dtype, enabled=self._autocast)
-        with autocast:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        index = batch.completion_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-        selected = logits.gather(1, index).float() / self.config.temperature
-        token_logits = selected.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
-        return token_logits - torch.logsumexp(selected, dim=-1)
-
-    @property
-    def _autocast(self) -> bool:
-        return self.device.type == "cuda" and self.compute_dtype != torch.float32
+        return token_logprobs(model, batch, self.config.temperature, self._autocast_dtype)
 
     @torch.no_grad()
-    def _old_logprobs(self, samples: Sequence[TrainSample]) -> list[torch.Tensor]:
-        """Per-sample log-probabilities under the policy before any update of this step."""
+    def _policy_logprobs(
+        self, samples: Sequence[TrainSample], shards: list[list[int]]
+    ) -> list[torch.Tensor]:
+        """The current policy's log-probs of this rank's share, ``shards[rank]``.
+
+        Rows of other ranks' samples are left empty.
+        """
         start = time.perf_counter()
         rows: list[torch.Tensor] = [torch.empty(0)] * len(samples)
-        for indices in split_by_tokens(samples, self.config.micro_batch_tokens):
-            batch = collate(samples, indices, self.pad_id).to(self.device)
-            logprobs = self._logprobs(self.policy, batch)
-            for row, index in enumerate(indices):
+        for indices in plan(samples, shards, self.rank, self.config.micro_batch_tokens):
+            logprobs = self._logprobs(self.policy, self._collate(samples, indices))
+            for row, index in enumerate(indices or ()):
                 rows[index] = logprobs[row, : len(samples[index].token_ids)]
         self._logprob_seconds += time.perf_counter() - start
         return rows
 
-    @torch.no_grad()
     def compute_logprobs(self, samples: Sequence[TrainSample]) -> list[list[float]]:
-        """The policy's log-probabilities of each sample's tokens (``trainer_logprobs``)."""
-        return [row.tolist() for row in self._old_logprobs(samples)]
+        """The policy's log-probabilities of each sample's tokens (``trainer_logprobs``).
 
-    # ---------------------------------------------------------------- weights
+        Collective; every rank gets every sample's.
+        """
+        shards = self._shards(samples, list(range(len(samples))))
+        rows = self._policy_logprobs(samples, shards)
+        if not self._sharded:
+            return [row.tolist() for row in rows]
+        merged = distributed.merge_over_ranks({i: rows[i].tolist() for i in shards[self.rank]})
+        return [merged[i] for i in range(len(samples))]
+
+    # ------------------------------------------------------- weights and state
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` pairs in Hugging Face naming; tied tensors appear once."""
-        seen: set[int] = set()
-        for name, tensor in self.policy.state_dict().items():
-            if tensor.data_ptr() in seen:
-                continue
-            seen.add(tensor.data_ptr())
-            yield name, tensor.detach()
+        """``(name, tensor)`` pairs in Hugging Face naming; tied tensors appear once.
 
-    def export_safetensors(self, dtype: str | None = None) -> bytes:
-        """The policy's weights as safetensors bytes (the rollout transport's payload)."""
-        target = getattr(torch, dtype) if dtype else None
-        tensors = {
-            name: (t.to(target) if target else t).contiguous().cpu().clone()
-            for name, t in self.named_weights()
-        }
-        return safetensors_bytes(tensors)
+        Collective with N ranks: every rank exhausts the iterator, one gathered
+        parameter at a time; only rank 0 gets pairs.
+        """
+        return weights.full_weights(self.policy, keep=self.rank == 0)
 
-    def weights_digest(self) -> str:
-        """SHA-256 of the exported weights: equal digests mean identical policies."""
-        return hashlib.sha256(self.export_safetensors()).hexdigest()
+    def export_safetensors(self, dtype: str | None = None) -> bytes | None:
+        """The policy's weights as safetensors bytes on rank 0, ``None`` elsewhere (collective)."""
+        payload = weights.to_safetensors(self.named_weights(), dtype)
+        return payload if self.rank == 0 else None
 
-    # ------------------------------------------------------------ checkpoints
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds: ``parameters``, ``gradients``, ``optimizer``, ``reference``."""
+        return distributed.state_bytes(self.policy, self.optimizer, self.reference)
 
     def save_pretrained(self, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> None:
-        """Write the policy as a Hugging Face model directory (safetensors)."""
-        self.policy.save_pretrained(out_dir, safe_serialization=True)
-        if tokenizer_dir is not None:
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-
-    def save_checkpoint(self, out_dir: str | Path) -> None:
-        """Model, optimizer, schedule and RNG states into ``out_dir`` (made by the caller)."""
-        out = Path(out_dir)
-        self.policy.save_pretrained(out / "model", safe_serialization=True)
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "steps_done": self.steps_done,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-            out / "learner_state.pt",
+        """Write the policy as a Hugging Face model directory, from rank 0 (collective)."""
+        weights.save_pretrained(
+            self.policy, out_dir, tokenizer_dir, rank=self.rank, sharded=self._sharded
         )
 
+    def save_checkpoint(self, out_dir: str | Path) -> None:
+        """Model, optimizer, schedule and RNG states into ``out_dir`` (made by the caller).
+
+        Collective: every rank writes its shard into the same directory.
+        """
+        state = (self.policy, self.optimizer, self.scheduler)
+        checkpoint.save(out_dir, *state, self.steps_done, rank=self.rank, sharded=self._sharded)
+
     def load_checkpoint(self, in_dir: str | Path) -> None:
-        """Restore what ``save_checkpoint`` wrote; the next step continues exactly."""
-        from safetensors.torch import load_file
+        """Restore what ``save_checkpoint`` wrote, with any number of ranks (collective).
 
-        source = Path(in_dir)
-        weights = load_file(source / "model" / "model.safetensors", device=str(self.device))
-        missing, unexpected = self.policy.load_state_dict(weights, strict=False)
-        if unexpected or [m for m in missing if not _is_tied(self.policy, m)]:
-            raise ValueError(f"checkpoint {source} does not fit the model: {missing or unexpected}")
-        state = torch.load(source / "learner_state.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.steps_done = state["steps_done"]
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"]:
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        The next step continues exactly.
+        """
+        state = (self.policy, self.optimizer, self.scheduler)
+        self.steps_done = checkpoint.load(in_dir, *state, sharded=self._sharded)
 
-
-class _MetricTotals:
-    """Combines micro-batch metrics: the policy loss sums, the rest weigh by tokens."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.tokens = 0.0
-
-    def add(self, metrics: dict[str, float], tokens: float) -> None:
-        for key in _SUMMED_METRICS:
-            self.sums[key] = self.sums.get(key, 0.0) + metrics.get(key, 0.0)
-        for key in _TOKEN_WEIGHTED_METRICS:
-            self.sums[key] = self.sums.get(key, 0.0) + metrics.get(key, 0.0) * tokens
-        self.tokens += tokens
-
-    def result(self) -> dict[str, float]:
-        weight = max(self.tokens, 1.0)
-        out = {key: self.sums.get(key, 0.0) for key in _SUMMED_METRICS}
-        out.update({key: self.sums.get(key, 0.0) / weight for key in _TOKEN_WEIGHTED_METRICS})
-        return out
+    def close(self) -> None:
+        """Leave the process group (collective with N ranks); the learner is unusable after."""
+        distributed.leave_group(self.context)
 
 
 def _warmup_factor(step: int, *, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then constant."""
     return min(1.0, (step + 1) / warmup) if warmup else 1.0
-
-
-def _minibatches(n_samples: int, updates: int) -> list[list[int]]:
-    size = n_samples // updates if n_samples >= updates else n_samples
-    chunks = [list(range(start, start + size)) for start in range(0, n_samples, size)]
-    if len(chunks) > 1 and len(chunks[-1]) < size:
-        chunks[-2].extend(chunks.pop())
-    return chunks
-
-
-def _stack_rows(rows: list[torch.Tensor], batch: MicroBatch) -> torch.Tensor:
-    out = torch.zeros_like(batch.loss_mask)
-    for row, values in enumerate(rows):
-        out[row, : values.numel()] = values.to(out.device)
-    return out
-
-
-def _load_model(model_path: str, device: torch.device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, torch_dtype=torch.float32, trust_remote_code=False
-    )
-    return model.to(device)
-
-
-def _pad_id(model: torch.nn.Module) -> int:
-    config = model.config
-    for candidate in (config.pad_token_id, config.eos_token_id, 0):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
-
-
-def _is_tied(model: torch.nn.Module, name: str) -> bool:
-    return bool(getattr(model.config, "tie_word_embeddings", False)) and name == "lm_head.weight"

@@ -22,9 +22,8 @@ overlap other work (the asynchronous training mode).
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,17 +52,9 @@ class EngineActor(RolloutEngine):
     """
 
     def __init__(
-        self,
-        model_path: str,
-        config: RolloutConfig,
-        *,
-        dtype: str = "float32",
-        seed: int = 0,
-        vllm_options: dict[str, Any] | None = None,
-        weights: bytes | None = None,
-        weights_version: int = 0,
+        self, *args: Any, weights: bytes | None = None, weights_version: int = 0, **kwargs: Any
     ) -> None:
-        super().__init__(model_path, config, dtype=dtype, seed=seed, vllm_options=vllm_options)
+        super().__init__(*args, **kwargs)  # RolloutEngine's arguments
         if weights is not None:
             self.load_weights(weights, weights_version)
 
@@ -143,49 +134,13 @@ def split_balanced(n_items: int, n_parts: int) -> list[tuple[int, int]]:
     return chunks
 
 
-def cpu_engine_env(
-    index: int, threads: int, cpu_ids: Sequence[int], *, bind: bool
-) -> dict[str, str]:
-    """Environment of CPU engine ``index``: its thread count and, if bound, its cores.
-
-    Engines take consecutive blocks of ``threads`` cores from ``cpu_ids``
-    (wrapping around when there are more threads than cores)."""
-    env = {"OMP_NUM_THREADS": str(threads)}
-    if not bind or not cpu_ids:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-        return env
-    cores: list[int] = []
-    for k in range(threads):
-        core = cpu_ids[(index * threads + k) % len(cpu_ids)]
-        if core not in cores:
-            cores.append(core)
-    env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores)
-    env["OMP_NUM_THREADS"] = str(len(cores))
-    return env
-
-
-def merge_actor_options(defaults: dict[str, Any], overrides: dict[str, Any] | None) -> dict:
-    """``overrides`` on top of ``defaults``; ``runtime_env.env_vars`` are merged key by key."""
-    overrides = overrides or {}
-    merged = {**defaults, **overrides}
-    base_env = defaults.get("runtime_env", {})
-    over_env = overrides.get("runtime_env", {})
-    env_vars = {**base_env.get("env_vars", {}), **over_env.get("env_vars", {})}
-    if base_env or over_env:
-        merged["runtime_env"] = {**base_env, **over_env}
-        if env_vars:
-            merged["runtime_env"]["env_vars"] = env_vars
-    return merged
-
-
 class RolloutPool:
     """``config.engines`` vLLM engines in Ray actors (see the module docstring).
 
-    ``actor_options`` are Ray actor options applied on top of the defaults: on a
-    cluster with GPUs ``num_gpus=1, num_cpus=1`` per engine; otherwise
-    ``num_cpus=0.5`` with explicit CPU threads (``config.threads``, default the
-    driver's cores divided among the engines) set through
-    ``runtime_env.env_vars``. Ray must be initialised by the caller.
+    ``placement(index)`` gives the Ray actor options of engine ``index``
+    (resources, ``runtime_env`` with its threads and cores): placement policy is
+    the caller's (``services.train.parts.engine_placement``). Ray must be
+    initialised by the caller.
     """
 
     def __init__(
@@ -193,9 +148,9 @@ class RolloutPool:
         model_path: str | Path,
         config: RolloutConfig,
         *,
+        placement: Callable[[int], dict[str, Any]],
         dtype: str = "float32",
         seed: int = 0,
-        actor_options: dict[str, Any] | None = None,
         transport: WeightTransport | None = None,
     ) -> None:
         self.model_path = str(model_path)
@@ -204,7 +159,7 @@ class RolloutPool:
         self.seed = seed
         self.transport = transport or ObjectStoreTransport()
         self._spec = _local_spec(self.model_path)
-        self._options = self._actor_options(actor_options)
+        self._placement = placement
         self._version = 0
         self._staged: Any = None
         self.restarts = 0
@@ -342,29 +297,9 @@ class RolloutPool:
 
     # ------------------------------------------------------------------ internals
 
-    def _actor_options(self, overrides: dict[str, Any] | None) -> dict[str, Any]:
-        overrides = dict(overrides or {})
-        gpus = overrides.get("num_gpus")
-        use_gpu = gpus > 0 if gpus is not None else ray.cluster_resources().get("GPU", 0) > 0
-        if use_gpu:
-            defaults: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
-        else:
-            defaults = {"num_cpus": 0.5}
-        self._on_gpu = use_gpu
-        defaults.update(max_restarts=0, max_concurrency=1)
-        return merge_actor_options(defaults, overrides)
-
-    def _engine_env(self, index: int) -> dict[str, str]:
-        if self._on_gpu:
-            return {}
-        cpu_ids = sorted(os.sched_getaffinity(0))
-        threads = self.config.threads or max(1, len(cpu_ids) // self.config.engines)
-        return cpu_engine_env(index, threads, cpu_ids, bind=self.config.bind_threads)
-
     def _start(self, index: int, generation: int) -> _Slot:
-        options = dict(self._options)
-        env = {**self._engine_env(index), **options.get("runtime_env", {}).get("env_vars", {})}
-        options["runtime_env"] = {**options.get("runtime_env", {}), "env_vars": env}
+        # The pool supervises and replaces its engines itself, one call at a time each.
+        options = {**self._placement(index), "max_restarts": 0, "max_concurrency": 1}
         extra = self.transport.restore(self._staged, self._version) if self._version else {}
         actor = (
             ray.remote(EngineActor)

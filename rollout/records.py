@@ -80,10 +80,6 @@ class SamplingSpec:
         """One greedy completion per question (evaluation)."""
         return cls(n=1, max_tokens=max_tokens, temperature=0.0, top_p=1.0, stop=tuple(stop))
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0
-
 
 @dataclass
 class RolloutRecord:

@@ -79,7 +79,7 @@ def train(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a GRPO training job."""
-    from services.driver import Driver, PreflightError, preflight
+    from services.train.run import PreflightError, TrainingRun, preflight
 
     _logging(verbose)
     spec = _load(config, set_)
@@ -95,7 +95,7 @@ def train(
         return
     with _progress() as progress:
         task = progress.add_task("training", total=spec.train.steps, status="starting engines…")
-        result = Driver(spec, on_step=lambda step, m: _show(progress, task, step, m)).run()
+        result = TrainingRun(spec, on_step=lambda step, m: _show(progress, task, step, m)).run()
     summary = _summary(result.metrics)
     console.print(
         f"[bold]{result.status}[/bold] after {result.steps_done} steps → {result.run_dir}"
@@ -114,7 +114,7 @@ def evaluate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Greedy accuracy of a model on the spec's eval split, scored by the eval verifier."""
-    from services.driver import Driver
+    from services.train.run import TrainingRun
 
     _logging(verbose)
     overrides = list(set_ or [])
@@ -125,7 +125,7 @@ def evaluate(
         spec = _load(config, [*overrides, f"model.path={target}"])
     else:
         spec = _load(target, overrides)
-    result = Driver(spec).evaluate_only()
+    result = TrainingRun(spec).evaluate_only()
     typer.echo(json.dumps({"model": spec.model.path, **result}))
 
 
@@ -149,7 +149,7 @@ def arithmetic_prepare(
     ),
 ) -> None:
     """Write train/eval jsonl and the warmed-up base model (cached; ~1 minute the first time)."""
-    from services.arithmetic import prepare_assets
+    from services.embedded.arithmetic import prepare_assets
 
     _logging(True)
     paths = prepare_assets(out)

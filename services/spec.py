@@ -73,6 +73,9 @@ class DataSpec(BaseModel):
     """Wrap each question as a user message and apply the tokenizer's chat template."""
     system_prompt: str | None = Field(None, max_length=100_000)
     """System message put before the question when chat_template is on."""
+    metadata_fields: tuple[str, ...] | Literal["all"] = ()
+    """Dataset columns sent with every completion as the reward item's metadata (custom
+    verifiers get each one as a keyword, TRL-style); "all": every column but the prompt."""
 
 
 class RewardSpec(BaseModel):
@@ -186,12 +189,28 @@ class Resources(BaseModel):
     processes. Engines take theirs from ``rollout.threads``."""
 
 
+class LearnerResources(Resources):
+    """Ray resources of the learner, per rank, and how its ranks form one group."""
+
+    replicas: int = Field(1, ge=1, le=1024)
+    """Learner ranks: N actors in one placement group, one torch.distributed group that
+    shards policy, reference and optimizer state with FSDP2 (the update equals one
+    rank's). On CPU each rank takes the node's cores divided by N unless threads is set."""
+    strategy: Literal["pack", "spread"] = "pack"
+    """Placement of the ranks: pack them on as few nodes as possible, or spread them."""
+    collective_timeout_s: float = Field(600.0, gt=0, le=MAX_SECONDS)
+    """A collective of the learner group that waits longer than this fails the step."""
+    start_timeout_s: float = Field(300.0, gt=0, le=MAX_SECONDS)
+    """The ranks must be placed and started within this, or the run fails naming the
+    resources missing."""
+
+
 class ClusterSpec(BaseModel):
     model_config = _STRICT
 
     ray_address: str | None = Field(None, max_length=2048)
     """null: start a local Ray; otherwise the address of a running cluster."""
-    learner: Resources = Resources()
+    learner: LearnerResources = LearnerResources()
     engines: Resources = Resources()
     reward: Resources = Resources()
 
@@ -275,7 +294,6 @@ class JobSpec(ValidUnicode):
             algorithm=self.algorithm,
             lr=self.train.lr,
             warmup_steps=self.train.warmup_steps,
-            total_steps=self.train.steps,
             weight_decay=self.train.weight_decay,
             grad_clip=self.train.grad_clip,
             updates_per_step=self.train.updates_per_step,

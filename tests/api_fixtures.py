@@ -163,8 +163,8 @@ def running_api(settings: ApiSettings) -> Iterator[tuple[ApiServer, JobClient]]:
 
 def tiny_job(out_dir: Path | str | None, **sections) -> dict:
     """A 2-step arithmetic job on the tiny model (tests/test_training_e2e.py's `job`)."""
-    from services.arithmetic import dataset_dir
-    from services.tiny_model import tiny_model_dir
+    from services.embedded.arithmetic import dataset_dir
+    from services.embedded.tiny_model import tiny_model_dir
 
     data = dataset_dir()
     raw = {
@@ -185,6 +185,6 @@ def tiny_job(out_dir: Path | str | None, **sections) -> dict:
 
 
 def cache_root() -> Path:
-    from services.tiny_model import cache_root as root
+    from services.embedded.tiny_model import cache_root as root
 
     return root()

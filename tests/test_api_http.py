@@ -21,7 +21,7 @@ from services.api.openapi import DOC, render
 from services.api.states import Event, JobState
 from services.cli import app as cli
 from services.client import JobApiError
-from services.reporting import HttpReporter, NullReporter, reporter_from_env
+from services.train.reporting import HttpReporter, NullReporter, reporter_from_env
 
 MAX_BODY = 16 * 1024
 

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learner.grpo import entropy_from_logits, kl_estimate, masked_mean, truncated_is_weights
+from learner.grpo import kl_estimate, masked_mean, truncated_is_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,19 +97,6 @@ def test_truncated_is_weights():
         truncated_is_weights(old, inference, cap=0.0)
     with pytest.raises(ValueError, match="inference_logprobs has shape"):
         truncated_is_weights(old, inference[:, :2], cap=2.0)
-
-
-def test_entropy_from_logits():
-    # Uniform over 2: ln 2 = 0.693147. p = (1/4, 3/4) from logits (0, ln 3):
-    # -(0.25·ln 0.25 + 0.75·ln 0.75) = 0.346574 + 0.215762 = 0.562335.
-    # A -inf logit has probability 0 and adds nothing: (0, 0, -inf) -> ln 2.
-    logits = torch.tensor(
-        [[0.0, 0.0, -math.inf], [0.0, math.log(3), -math.inf], [5.0, 5.0, -math.inf]],
-        dtype=torch.float64,
-    )
-    expected = [math.log(2), 0.562335, math.log(2)]
-    out = entropy_from_logits(logits)
-    torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
 def test_masked_mean():

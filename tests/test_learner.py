@@ -7,40 +7,19 @@ checkpointed, thrown away and restored half way; the weights must be identical.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from learner_testkit import make_learner, recorded_rollouts, weights_digest
 from safetensors.torch import load as load_safetensors
 
-from learner import AlgorithmConfig, Learner, LearnerConfig, TrainSample
+from learner import AlgorithmConfig, TrainSample
 from learner.batching import collate, split_by_tokens
-from services.tiny_model import tiny_model_dir
+from services.embedded.tiny_model import tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def model_dir():
     return str(tiny_model_dir("tiny"))
-
-
-def recorded_rollouts(seed: int, n_steps: int = 4, batch: int = 8) -> list[list[TrainSample]]:
-    """Synthetic 'recorded' rollouts: random prompts/completions with ±1 advantages."""
-    rng = random.Random(seed)
-    steps = []
-    for _ in range(n_steps):
-        samples = []
-        for _ in range(batch):
-            prompt = [rng.randrange(32, 120) for _ in range(rng.randint(3, 8))]
-            tokens = [rng.randrange(32, 120) for _ in range(rng.randint(1, 12))]
-            logprobs = [-rng.random() * 3 for _ in tokens]
-            samples.append(TrainSample(prompt, tokens, rng.choice([-1.0, 1.0]), logprobs))
-        steps.append(samples)
-    return steps
-
-
-def make_learner(model_dir: str, **overrides) -> Learner:
-    config = LearnerConfig(lr=1e-3, total_steps=10, **overrides)
-    return Learner(model_dir, config, device="cpu", seed=0, threads=1)
 
 
 def test_train_step_changes_every_parameter_and_reports_metrics(model_dir):
@@ -122,7 +101,7 @@ def test_replayed_rollouts_resume_exactly_from_a_checkpoint(model_dir, tmp_path)
     losses += [resumed.train_step(batch)["loss/policy"] for batch in steps[2:]]
 
     assert losses == straight_losses
-    assert resumed.weights_digest() == straight.weights_digest()
+    assert weights_digest(resumed) == weights_digest(straight)
 
 
 def test_collate_aligns_completion_positions(model_dir):

@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
-from services.arithmetic import dataset_dir
-from services.tiny_model import tiny_model_dir
+from services.embedded.arithmetic import dataset_dir
+from services.embedded.tiny_model import tiny_model_dir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 

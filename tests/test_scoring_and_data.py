@@ -1,4 +1,4 @@
-"""The driver's glue without Ray or vLLM: rewards to advantages, offsets to tokens, data.
+"""The training glue without Ray or vLLM: rewards to advantages, offsets to tokens, data.
 
 Expected values are worked out by hand in the comments.
 """
@@ -13,16 +13,10 @@ import torch
 
 from reward.protocol import Result, StepReward
 from rollout import RolloutRecord
-from services.data import DataCursor, DataError, load_questions
-from services.driver import group_seed
-from services.scoring import (
-    ScoredGroups,
-    outcome_samples,
-    process_samples,
-    reward_tensor,
-    token_indices_of_offsets,
-)
-from services.tiny_model import build_tokenizer
+from services.embedded.tiny_model import build_tokenizer
+from services.train.batch import StepBatch, token_indices_of_offsets
+from services.train.data import DataCursor, DataError, Question, load_questions
+from services.train.sampling import group_seed
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +33,28 @@ def ok(reward, steps=None) -> Result:
     return Result(id="x", status="ok", reward=reward, step_rewards=steps)
 
 
+QUESTION = Question("Q", "1", 0)
+
+
 def test_non_ok_results_become_nan_and_are_left_out_of_training(tokenizer):
-    results = [[ok(1.0), ok(0.0), Result(id="x", status="error", reward=None, error="boom")]]
-    rewards = reward_tensor(results)
-    assert rewards[0, :2].tolist() == [1.0, 0.0] and math.isnan(rewards[0, 2])
+    results = [ok(1.0), ok(0.0), Result(id="x", status="error", reward=None, error="boom")]
     group = [record(tokenizer, t, i) for i, t in enumerate(["a", "b", "c"])]
-    scored = ScoredGroups([None], [group], results, rewards)
-    samples = outcome_samples(scored, scale="group")
+    batch = StepBatch.scored([QUESTION], [group], results)
+    rewards = batch.rewards
+    assert rewards[0, :2].tolist() == [1.0, 0.0] and math.isnan(rewards[0, 2])
+    samples = batch.with_advantages("outcome", scale="group", tokenizer=tokenizer).train_samples()
     # valid rewards [1, 0]: mean 0.5, std (Bessel) = sqrt(0.5) → ±0.5/0.70711 = ±0.70711
     assert [round(s.advantages, 4) for s in samples] == [0.7071, -0.7071]
 
 
-def test_zero_variance_mask_counts_flat_and_underfilled_groups():
+def test_dynamic_sampling_keeps_only_groups_with_a_learning_signal():
     rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [math.nan, 1.0]])
-    scored = ScoredGroups([None] * 3, [[]] * 3, [[]] * 3, rewards)
-    assert scored.zero_variance_mask().tolist() == [True, False, True]
+    questions = [Question("Q", "1", i) for i in range(3)]
+    batch = StepBatch(questions, [[], [], []], [[], [], []], rewards)
+    kept = batch.informative()
+    # flat [1, 1] and under-filled [NaN, 1] carry no signal; [0, 1] does
+    assert [q.index for q in kept.questions] == [1] and kept.rewards.tolist() == [[0.0, 1.0]]
+    assert batch.metrics()["reward/zero_variance_groups_frac"] == pytest.approx(2 / 3)
 
 
 def test_character_offsets_map_to_the_token_that_completes_them(tokenizer):
@@ -67,14 +68,13 @@ def test_process_samples_give_each_token_the_sum_of_later_steps(tokenizer):
     texts = ["1+1=2\n\\boxed{2}", "1+1=3\n\\boxed{3}"]
     group = [record(tokenizer, t, i) for i, t in enumerate(texts)]
     results = [
-        [
-            ok(1.0, [StepReward(end=5, reward=1.0), StepReward(end=len(texts[0]), reward=1.0)]),
-            ok(0.0, [StepReward(end=5, reward=0.0), StepReward(end=len(texts[1]), reward=0.0)]),
-        ]
+        ok(1.0, [StepReward(end=5, reward=1.0), StepReward(end=len(texts[0]), reward=1.0)]),
+        ok(0.0, [StepReward(end=5, reward=0.0), StepReward(end=len(texts[1]), reward=0.0)]),
     ]
-    scored = ScoredGroups([None], [group], results, reward_tensor(results))
-    samples = process_samples(scored, tokenizer, eps=0.0)
+    batch = StepBatch.scored([QUESTION], [group], results)
+    samples = batch.with_advantages("process", scale="group", tokenizer=tokenizer).train_samples()
     # all step rewards R = [1, 1, 0, 0]: mean 0.5, std = sqrt(1/3) → r̃ = ±0.5·sqrt(3) = ±0.8660
+    # (eps = 1e-6 moves them by about 2e-6)
     first, second = samples[0].advantages, samples[1].advantages
     assert first[0] == pytest.approx(2 * 0.8660254, abs=1e-5)  # before both step ends
     assert first[5] == pytest.approx(0.8660254, abs=1e-5)  # only the final step remains
@@ -150,6 +150,6 @@ def test_cursor_is_seeded_per_epoch_and_resumes_exactly():
 
 
 def load_like(n: int):
-    from services.data import Question
+    from services.train.data import Question
 
     return [Question(f"q{i}", str(i), i) for i in range(n)]

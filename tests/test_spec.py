@@ -14,13 +14,13 @@ import yaml
 from typer.testing import CliRunner
 
 from services.cli import app
-from services.driver import PreflightError, preflight
 from services.spec import SpecError, apply_overrides, load_spec, validate_spec
+from services.train.run import PreflightError, preflight
 
 
 @pytest.fixture
 def assets(tmp_path) -> dict[str, Path]:
-    from services.tiny_model import tiny_model_dir
+    from services.embedded.tiny_model import tiny_model_dir
 
     rows = [
         {"question": "Compute 1+2.\n", "answer": "3"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.trackers import TensorBoardTracker, WandbTracker
+from services.train.trackers import TensorBoardTracker, WandbTracker
 
 RECORDS = [
     {"step": 1, "reward/mean": 0.25, "loss/kl": 0.01, "note": "text is skipped"},

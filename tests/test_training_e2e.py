@@ -2,7 +2,8 @@
 over HTTP, the learner actor, real Ray.
 
 - Two real steps: every trained parameter changes, the engines' weights version
-  advances, and the metrics hold every key DESIGN.md documents.
+  advances, and the metrics hold every key DESIGN.md documents; the same with two
+  learner ranks (FSDP2 over gloo), whose engines serve what the group trained.
 - Exact resume (sync mode): 6 steps straight against 3 steps, a SIGKILL of the
   driver process, and a resume for the last 3: identical per-step losses and
   identical final weights.
@@ -22,9 +23,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from services.arithmetic import base_model_dir, dataset_dir
-from services.driver import Driver
+from services.embedded.arithmetic import base_model_dir, dataset_dir
 from services.spec import validate_spec
+from services.train.run import TrainingRun
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 
@@ -61,8 +62,10 @@ def job(out_dir: Path, **sections) -> dict:
 def test_two_real_steps_train_every_parameter_and_advance_the_engines(ray_session, tmp_path):
     spec = validate_spec(job(tmp_path / "run"))
     versions: list[list[int]] = []
-    driver = Driver(spec, on_step=lambda step, m: versions.append(driver.pool.weights_versions()))
-    result = driver.run()
+    run = TrainingRun(
+        spec, on_step=lambda step, m: versions.append(run.parts.pool.weights_versions())
+    )
+    result = run.run()
 
     assert result.status == "succeeded" and result.steps_done == 2
     assert versions == [[0], [1], [2]]  # eval before training, then one version per step
@@ -80,6 +83,23 @@ def test_two_real_steps_train_every_parameter_and_advance_the_engines(ray_sessio
     for name in ("config.json", "metrics.jsonl", "samples.jsonl", "curves.png"):
         assert (result.run_dir / name).exists(), name
     assert (result.run_dir / "checkpoints" / "step_2" / "driver_state.json").exists()
+
+
+def test_two_learner_ranks_train_every_parameter_and_the_engines_serve_it(ray_session, tmp_path):
+    raw = job(tmp_path / "run", cluster={"learner": {"replicas": 2}}, data={"eval": None})
+    spec = validate_spec(raw)
+    versions: list[list[int]] = []
+    run = TrainingRun(
+        spec, on_step=lambda step, m: versions.append(run.parts.pool.weights_versions())
+    )
+    result = run.run()
+
+    assert result.status == "succeeded" and versions == [[1], [2]]
+    initial = load_file(Path(spec.model.path) / "model.safetensors")
+    final = load_file(result.run_dir / "final" / "model.safetensors")
+    assert [name for name, tensor in initial.items() if final[name].equal(tensor)] == []
+    steps = [r for r in result.metrics if r["step"] > 0]
+    assert all(r["train/inference_logprob_abs_diff"] < 1e-4 for r in steps)
 
 
 def run_driver(spec_file: Path, log_file: Path) -> subprocess.Popen:
@@ -141,7 +161,7 @@ def test_async_mode_overlaps_and_drops_rollouts_past_max_staleness(ray_session, 
     were sampled after it and train again."""
     raw = job(tmp_path / "run", train={"steps": 3, "mode": "async", "max_staleness": 0},
               data={"eval": None})  # fmt: skip
-    result = Driver(validate_spec(raw)).run()
+    result = TrainingRun(validate_spec(raw)).run()
     steps = [r for r in result.metrics if r["step"] > 0]
     completions = 4 * 4  # questions_per_step × group_size
     assert [r["async/stale_dropped"] for r in steps] == [0, completions, 0]

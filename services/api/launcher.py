@@ -6,7 +6,7 @@ Each run of a job is one Ray job, submitted through Ray's job submission API
 ``working_dir``, which Ray uploads to the cluster and makes the entrypoint's working
 directory — so no user text is ever part of a command, and the API and the cluster
 need not share a filesystem. The driver finds the API through environment variables
-of the run's ``runtime_env`` (``services.reporting``).
+of the run's ``runtime_env`` (``services.train.reporting``).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ def rollout_ray(ray_session):
 
 @pytest.fixture(scope="session")
 def rollout_tiny_model_dir():
-    from services.tiny_model import tiny_model_dir
+    from services.embedded.tiny_model import tiny_model_dir
 
     return tiny_model_dir("tiny")
 
@@ -49,8 +49,15 @@ def rollout_process_alive():
 def rollout_pool(rollout_ray, rollout_tiny_model_dir, rollout_config):
     """Two engines on the tiny model; shut down (and checked for leftovers) at the end."""
     from rollout import RolloutPool
+    from services.train.parts import engine_placement
 
-    pool = RolloutPool(rollout_tiny_model_dir, rollout_config, dtype="float32", seed=0)
+    pool = RolloutPool(
+        rollout_tiny_model_dir,
+        rollout_config,
+        dtype="float32",
+        seed=0,
+        placement=engine_placement(rollout_config),
+    )
     yield pool
     infos = pool.process_infos()
     pool.shutdown()

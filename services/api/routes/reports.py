@@ -1,4 +1,4 @@
-"""``/v1/jobs/{id}/report``: where a running driver reports (``services.reporting``).
+"""``/v1/jobs/{id}/report``: where a running driver reports (``services.train.reporting``).
 
 These routes take the job's per-run token, not the admin token. Every answer says
 whether the job's owner asked it to stop, so the driver learns of a cancel from any

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from reward.protocol import CALL_KEYWORDS
 
 
 class DataError(ValueError):
@@ -26,6 +29,8 @@ class Question:
     """Text, or chat messages when the chat template is on."""
     reference: str
     index: int
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    """The dataset columns named by ``data.metadata_fields``, sent to the verifiers."""
 
 
 def load_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -78,27 +83,68 @@ def load_questions(
     answer_field: str,
     chat_template: bool = False,
     system_prompt: str | None = None,
+    metadata_fields: Sequence[str] | Literal["all"] = (),
     limit: int | None = None,
 ) -> list[Question]:
     """Questions of a dataset, checking that every row has the configured fields."""
     rows = load_rows(path)
     if not rows:
         raise DataError(f"dataset {path} is empty")
-    for field, setting in ((prompt_field, "prompt_field"), (answer_field, "answer_field")):
-        if field not in rows[0]:
+    for name, setting in ((prompt_field, "prompt_field"), (answer_field, "answer_field")):
+        if name not in rows[0]:
             raise DataError(
-                f"dataset {path} has no field {field!r} (data.{setting}); "
+                f"dataset {path} has no field {name!r} (data.{setting}); "
                 f"its fields are {sorted(rows[0])}"
             )
     chosen = rows[:limit] if limit else rows
+    columns = _metadata_columns(path, rows[0], metadata_fields, prompt_field)
     return [
         Question(
             _prompt(str(row[prompt_field]), chat_template, system_prompt),
             str(row[answer_field]),
             index,
+            _metadata(path, index, row, columns),
         )
         for index, row in enumerate(chosen)
     ]
+
+
+def _metadata_columns(
+    path: str | Path,
+    first: Mapping[str, Any],
+    wanted: Sequence[str] | Literal["all"],
+    prompt_field: str,
+) -> list[str]:
+    """The columns sent as metadata: the named ones, or with ``"all"`` every column but
+    the prompt (as TRL passes every dataset column to a reward function)."""
+    columns = [n for n in first if n != prompt_field] if wanted == "all" else list(wanted)
+    missing = [name for name in columns if name not in first]
+    if missing:
+        raise DataError(
+            f"dataset {path} has no column(s) {missing} (data.metadata_fields); "
+            f"its columns are {sorted(first)}"
+        )
+    reserved = sorted(set(columns) & CALL_KEYWORDS)
+    if reserved:
+        raise DataError(
+            f"dataset {path}: column(s) {reserved} of data.metadata_fields would collide "
+            "with the keywords a reward function is called with; rename them in the dataset"
+        )
+    return columns
+
+
+def _metadata(
+    path: str | Path, index: int, row: Mapping[str, Any], columns: Sequence[str]
+) -> dict[str, Any]:
+    values = {name: row.get(name) for name in columns}
+    try:
+        json.dumps(values, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise DataError(
+            f"dataset {path} row {index}: a data.metadata_fields column is not JSON "
+            f"({error}); name only columns of strings, numbers, lists or mappings"
+        ) from None
+    return values
 
 
 def _prompt(text: str, chat: bool, system_prompt: str | None) -> str | list[dict[str, str]]:

@@ -24,7 +24,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from services.tiny_model import cached_directory, tiny_model_dir
+from services.embedded.tiny_model import cached_directory, tiny_model_dir
 
 log = logging.getLogger(__name__)
 

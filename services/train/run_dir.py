@@ -4,14 +4,20 @@ Owns the layout of DESIGN.md — ``config.json``, ``metrics.jsonl``,
 ``samples.jsonl``, ``curves.png``, ``checkpoints/step_N/`` and ``final/``, plus
 ``placement.json`` (which node runs which part) —
 and the rules that keep it trustworthy: checkpoints appear atomically (written
-to a temporary sibling, then renamed), only the newest ``keep_last`` are kept,
-and on resume the metric and sample lines written after the checkpoint are cut
-so that the files read as one uninterrupted run.
+to a temporary sibling, flushed to disk, then renamed; one that replaces a
+checkpoint of the same step moves the old one aside first, so that at every
+instant one complete ``step_N`` exists or can be restored), only the newest
+``keep_last`` are kept, a torn last line of a ``.jsonl`` file (a crash while
+writing it) is dropped with a warning, and on resume the metric and sample
+lines written after the checkpoint are cut so that the files read as one
+uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shutil
 import subprocess
@@ -20,7 +26,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 _CHECKPOINT = re.compile(r"^step_(\d+)$")
+_SET_ASIDE = re.compile(r"^\.old-step_(\d+)$")
 CURVES = (
     ("reward/mean", "reward"),
     ("eval/accuracy", "eval accuracy"),
@@ -76,22 +85,41 @@ class RunDirectory:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
+        _fsync_tree(tmp)
+        aside = self.checkpoints / f".old-step_{step}"
+        if target.exists():  # the old one stays complete until the new one is in place
+            shutil.rmtree(aside, ignore_errors=True)
+            target.rename(aside)
         tmp.rename(target)
+        _fsync_dir(self.checkpoints)
+        shutil.rmtree(aside, ignore_errors=True)
         self._prune(keep_last)
         return target
 
     def list_checkpoints(self) -> list[tuple[int, Path]]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints, oldest first (one set aside by a replacement that did not
+        finish is put back first)."""
         if not self.checkpoints.exists():
             return []
+        self._restore_set_aside()
         found = []
         for entry in self.checkpoints.iterdir():
             match = _CHECKPOINT.match(entry.name)
             if match and entry.is_dir():
                 found.append((int(match.group(1)), entry))
         return sorted(found)
+
+    def _restore_set_aside(self) -> None:
+        for entry in self.checkpoints.iterdir():
+            match = _SET_ASIDE.match(entry.name)
+            if not match:
+                continue
+            target = self.checkpoint_dir(int(match.group(1)))
+            if target.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                log.warning("restoring %s: its replacement did not finish", target)
+                entry.rename(target)
 
     def latest_checkpoint(self) -> Path | None:
         checkpoints = self.list_checkpoints()
@@ -132,19 +160,52 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``.jsonl`` file; a torn last line is dropped with a warning."""
     if not path.exists():
         return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(
+                    f"{path}:{number} is not valid JSON; the file is damaged"
+                ) from None
+            log.warning("%s: dropping a torn last line (a crash while it was written)", path)
+    return records
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` to disk."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(Path(directory) / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(directory))
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _package_version() -> str:
