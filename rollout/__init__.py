@@ -5,7 +5,9 @@
 - :class:`RolloutEngine` — one vLLM engine, a plain class (no Ray).
 - :class:`RolloutPool` — N engines in Ray actors: spreading, weight sync, health.
 - :func:`serialize_weights` — the weight-update byte format (safetensors).
-- :class:`ObjectStoreTransport`, :class:`NcclTransport` — how updates travel.
+- :class:`ObjectStoreTransport`, :class:`BroadcastTransport` — how updates travel;
+  :class:`BroadcastSender` (the learner's half of a broadcast), :class:`ActorSenderLink`
+  (the driver's handle on it), :class:`WeightSyncError`.
 
 Importing this package imports neither vLLM nor Ray: the engine and the pool
 load them when they are used. It never imports ``learner``, ``reward`` or
@@ -21,9 +23,10 @@ from rollout.records import GroupRequest, RolloutRecord, SamplingSpec
 from rollout.weights import WeightUpdateError, deserialize_weights, serialize_weights
 
 if TYPE_CHECKING:
+    from rollout.broadcast import ActorSenderLink, BroadcastSender, WeightSyncError
     from rollout.engine import RolloutEngine
     from rollout.pool import EngineFailure, GenerationHandle, RolloutPool
-    from rollout.transport import NcclTransport, NcclUpdate, ObjectStoreTransport, WeightTransport
+    from rollout.transport import BroadcastTransport, ObjectStoreTransport, WeightTransport
 
 _LAZY = {
     "RolloutEngine": "rollout.engine",
@@ -32,22 +35,26 @@ _LAZY = {
     "EngineFailure": "rollout.pool",
     "WeightTransport": "rollout.transport",
     "ObjectStoreTransport": "rollout.transport",
-    "NcclTransport": "rollout.transport",
-    "NcclUpdate": "rollout.transport",
+    "BroadcastTransport": "rollout.transport",
+    "BroadcastSender": "rollout.broadcast",
+    "ActorSenderLink": "rollout.broadcast",
+    "WeightSyncError": "rollout.broadcast",
 }
 
 __all__ = [
+    "ActorSenderLink",
+    "BroadcastSender",
+    "BroadcastTransport",
     "EngineFailure",
     "GenerationHandle",
     "GroupRequest",
-    "NcclTransport",
-    "NcclUpdate",
     "ObjectStoreTransport",
     "RolloutConfig",
     "RolloutEngine",
     "RolloutPool",
     "RolloutRecord",
     "SamplingSpec",
+    "WeightSyncError",
     "WeightTransport",
     "WeightUpdateError",
     "deserialize_weights",

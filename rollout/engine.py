@@ -80,6 +80,7 @@ class RolloutEngine:
         )
         self._tokenizer = self._llm.get_tokenizer()
         self._version = 0
+        self.last_load: dict[str, Any] = {}  # what the workers reported for the last update
         self._warm_up()
         self.start_seconds = time.perf_counter() - start
         logger.info("engine for %s ready in %.1f s", self.model_path, self.start_seconds)
@@ -132,30 +133,35 @@ class RolloutEngine:
         changes; the engine keeps serving its current weights and version.
         """
         validate_update(read_header(payload), self._spec)
-        start = time.perf_counter()
         results = self._llm.collective_rpc(
             "grpo_load_weights", args=(payload,), timeout=self.config.call_timeout_s
         )
+        return self._adopt(results, version)
+
+    def load_broadcast(self, version: int, group: dict[str, Any] | None = None) -> int:
+        """Receive one update from the learner's weight-sync group and adopt ``version``.
+
+        With ``group`` (from :class:`rollout.transport.BroadcastTransport`) every
+        worker first joins that group. A refused header raises
+        :class:`WeightUpdateError` and a broken transfer ``WeightSyncError``; in
+        both cases the engine keeps serving its current weights and version.
+        """
+        timeout = self.config.call_timeout_s
+        if group is not None:
+            self._llm.collective_rpc("grpo_join_weight_group", args=(group,), timeout=timeout)
+        results = self._llm.collective_rpc("grpo_receive_weights", args=(version,), timeout=timeout)
+        return self._adopt(results, version)
+
+    def _adopt(self, results: list[dict[str, Any]], version: int) -> int:
+        """Serve ``version`` once every worker loaded it (``results`` of collective_rpc)."""
         refused = [r["error"] for r in results if not r["ok"]]
         if refused:
             raise WeightUpdateError(refused[0])
         # KV blocks cached under the old weights would be reused for new prompts.
         self._llm.reset_prefix_cache()
         self._version = version
-        logger.info("weights version %d loaded in %.3f s", version, time.perf_counter() - start)
-        return version
-
-    def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
-        """Join the learner's NCCL group (vLLM weight-transfer API; GPU only, untested)."""
-        self._llm.init_weight_transfer_engine({"init_info": init_info})
-
-    def receive_weights(self, update_info: dict[str, Any], version: int) -> int:
-        """Receive one NCCL broadcast from the learner and adopt ``version`` (GPU, untested)."""
-        self._llm.start_weight_update()
-        self._llm.update_weights({"update_info": update_info})
-        self._llm.finish_weight_update()
-        self._llm.reset_prefix_cache()
-        self._version = version
+        self.last_load = results[0]
+        logger.info("weights version %d loaded in %.3f s", version, results[0]["seconds"])
         return version
 
     def close(self) -> None:

@@ -64,6 +64,9 @@ class EngineActor(RolloutEngine):
     def load_weights(self, payload, version):
         return self._guarded(super().load_weights, payload, version)
 
+    def load_broadcast(self, version, group=None):
+        return self._guarded(super().load_broadcast, version, group)
+
     def get_weights_version(self) -> int:
         return self.weights_version
 
@@ -240,18 +243,22 @@ class RolloutPool:
     # -------------------------------------------------------------------- weights
 
     def update_weights(self, update: Any, version: int) -> None:
-        """Load ``update`` (safetensors bytes or an ``ObjectRef`` to them, for the
-        default transport) into every engine as ``version``; all-or-nothing.
+        """Load ``update`` into every engine as ``version``; all-or-nothing.
+
+        ``update`` is what the pool's transport takes: safetensors bytes or an
+        ``ObjectRef`` to them for the default transport, ``None`` for the
+        broadcast transport (the learner's sender holds the weights).
 
         Raises :class:`WeightUpdateError` for a malformed update, after which every
         engine still serves the previous version."""
         staged = self.transport.stage(update, self._spec)
         starting = not all(self._serving(s) for s in self._slots)
-        refs = {s.index: self.transport.load(s.actor, staged, version) for s in self._slots}
-        self.transport.dispatched(staged)
+        loads = self.transport.load([s.actor for s in self._slots], staged, version)
+        refs = {s.index: ref for s, ref in zip(self._slots, loads, strict=True)}
         generations = {s.index: s.generation for s in self._slots}
         limit = self.config.call_timeout_s + (self.config.start_timeout_s if starting else 0.0)
         outcome = self._wait_loads(refs, staged, version, generations, limit)
+        self.transport.finish(staged)
         if outcome is not None:
             self._roll_back(outcome)
             raise outcome
@@ -309,7 +316,6 @@ class RolloutPool:
                 self.config,
                 dtype=self.dtype,
                 seed=self.seed + index,
-                vllm_options=self.transport.engine_options() or None,
                 **extra,
             )
         )
@@ -424,7 +430,7 @@ class RolloutPool:
         if not _is_engine_failure(error) and slot.generation == generations[index]:
             generations[index] = -1  # one retry on the same engine, then replace it
             logger.warning("engine %d failed to load weights (%s); retrying once", index, error)
-            return self.transport.load(slot.actor, staged, version)
+            return self.transport.load([slot.actor], staged, version)[0]
         logger.warning("engine %d failed to load weights (%s); replacing it", index, error)
         self._kill(slot)
         self.restarts += 1

@@ -2,11 +2,13 @@
 
 The pool drives every update the same way (:meth:`RolloutPool.update_weights`):
 
-1. ``staged = transport.stage(update)`` once per update (validate, publish);
-2. ``transport.load(actor, staged, version)`` per engine, which returns a Ray
-   reference that resolves to the engine's new version once it has loaded;
-3. ``transport.dispatched(staged)`` after every engine was asked (a transport
-   whose sender must run concurrently with the receivers starts it here);
+1. ``staged = transport.stage(update, spec)`` once per update (validate, publish);
+2. ``transport.load(actors, staged, version)`` starts loading into those engine
+   actors together and returns one Ray reference per actor, each resolving to
+   the engine's new version once it has loaded (the pool calls it again with a
+   single actor to retry one engine);
+3. ``transport.finish(staged)`` once every engine has answered: the transport
+   settles its own side of the update;
 4. for an engine that has to be replaced, ``transport.restore(staged, version)``
    gives the keyword arguments with which a fresh engine loads the current
    weights *before* it serves.
@@ -15,22 +17,24 @@ The pool drives every update the same way (:meth:`RolloutPool.update_weights`):
   bytes (:mod:`rollout.weights`); the pool puts them into the Ray object store
   once and hands every engine the same ``ObjectRef``. Replacements load from
   the same reference, which the pool keeps until the next update.
-- :class:`NcclTransport` (GPUs; untested until a GPU run proves it): tensors go
-  from the learner's GPU to every engine's GPU by NCCL broadcast, through
-  vLLM 0.32's weight-transfer API (``init_weight_transfer_engine``,
-  ``start_weight_update``/``update_weights``/``finish_weight_update``). See
-  docs/rollout.md for the learner's half.
+- :class:`BroadcastTransport`: the learner's rank 0 broadcasts the tensors to
+  every engine worker over a weight-sync process group (gloo on CPU, NCCL on
+  GPU; :mod:`rollout.broadcast`). The update argument is ``None``: the sender
+  holds the weights, and the transport asks it to send through a
+  :class:`rollout.broadcast.SenderLink`.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from rollout.weights import CheckpointSpec, read_header, validate_update
+from rollout.broadcast import SenderLink
+from rollout.weights import CheckpointSpec, WeightUpdateError, read_header, validate_update
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +44,6 @@ class WeightTransport(ABC):
 
     name: str = "abstract"
 
-    def engine_options(self) -> dict[str, Any]:
-        """Extra ``vllm.LLM`` keyword arguments the engines need for this transport."""
-        return {}
-
     @abstractmethod
     def stage(self, update: Any, spec: CheckpointSpec | None) -> Any:
         """Validate ``update`` (against ``spec`` when known) and make it sendable.
@@ -51,11 +51,11 @@ class WeightTransport(ABC):
         Raises :class:`rollout.weights.WeightUpdateError` for a malformed update."""
 
     @abstractmethod
-    def load(self, actor: Any, staged: Any, version: int) -> Any:
-        """Start loading ``staged`` into one engine actor; return its Ray reference."""
+    def load(self, actors: Sequence[Any], staged: Any, version: int) -> list[Any]:
+        """Start loading ``staged`` into these engine actors; one Ray reference each."""
 
-    def dispatched(self, staged: Any) -> None:  # noqa: B027 - optional hook
-        """Called once every engine has been asked to load ``staged``."""
+    def finish(self, staged: Any) -> None:  # noqa: B027 - optional hook
+        """Called once every engine has loaded (or refused) ``staged``."""
 
     @abstractmethod
     def restore(self, staged: Any, version: int) -> dict[str, Any]:
@@ -81,142 +81,120 @@ class ObjectStoreTransport(WeightTransport):
             validate_update(read_header(update), spec)
         return ray.put(bytes(update))
 
-    def load(self, actor: Any, staged: Any, version: int) -> Any:
-        return actor.load_weights.remote(staged, version)
+    def load(self, actors: Sequence[Any], staged: Any, version: int) -> list[Any]:
+        return [actor.load_weights.remote(staged, version) for actor in actors]
 
     def restore(self, staged: Any, version: int) -> dict[str, Any]:
         return {"weights": staged, "weights_version": version}
 
 
-@dataclass(frozen=True)
-class NcclUpdate:
-    """One NCCL update: what the engines must expect, and how to make the learner send.
+@dataclass
+class _Broadcast:
+    """One broadcast update: the sender's calls of each ``load`` attempt, in order."""
 
-    ``update_info`` is vLLM's ``NCCLWeightTransferUpdateInfo`` as a dict
-    (``names``, ``dtype_names``, ``shapes``, in the learner's send order; the
-    learner gets it from ``WeightSource.metadata()``). ``send`` starts the
-    learner's broadcast and returns when it is done (e.g.
-    ``lambda: ray.get(learner.send_weights.remote())``)."""
-
-    update_info: dict[str, Any]
-    send: Callable[[], None]
+    attempts: list[list[Any]] = field(default_factory=list)
+    members: list[Any] = field(default_factory=list)
 
 
-class NcclTransport(WeightTransport):
-    """NCCL broadcast from the learner (rank 0) to every engine (ranks 1..N).
+class BroadcastTransport(WeightTransport):
+    """The learner's sender broadcasts to every engine worker (``rollout.broadcast``).
 
-    Untested: this machine has no GPU. Set up once with :meth:`connect`, then pass
-    :class:`NcclUpdate` objects to ``RolloutPool.update_weights``. An engine cannot
-    rejoin the NCCL group on its own, so a replacement engine needs a fresh
-    :meth:`connect` (with every engine and the learner): :meth:`restore` refuses,
-    and the pool reports the failure instead of replacing the engine.
+    ``sender`` reaches the learner's :class:`~rollout.broadcast.BroadcastSender`
+    (e.g. :class:`~rollout.broadcast.ActorSenderLink`). ``workers_per_engine`` is
+    each engine's vLLM world size (its tensor-parallel size): every worker is a
+    rank of its own. A group is opened for the engines of a ``load`` call and
+    kept while the same engines take updates successfully; a replaced engine, a
+    retry or a failed update makes the next ``load`` open a fresh group (new
+    prefix, same store). Before the sender starts, the transport waits (up to
+    ``ready_timeout_s``) until every engine has finished the calls queued before
+    the update, so the sender's timeout only counts the transfer itself.
+
+    A replacement engine loads the current version through the object store:
+    the sender keeps the last version it sent and serves it as safetensors bytes
+    (``SenderLink.snapshot``); the replacement joins the group at the next update.
     """
 
-    name = "nccl"
+    name = "broadcast"
 
     def __init__(
-        self,
-        master_address: str,
-        master_port: int,
-        *,
-        packed: bool = True,
-        packed_buffer_size_bytes: int | None = None,
-        packed_num_buffers: int | None = None,
+        self, sender: SenderLink, *, workers_per_engine: int = 1, ready_timeout_s: float = 600.0
     ) -> None:
-        self.master_address = master_address
-        self.master_port = master_port
-        self.packed = packed
-        self.packed_buffer_size_bytes = packed_buffer_size_bytes
-        self.packed_num_buffers = packed_num_buffers
-
-    def engine_options(self) -> dict[str, Any]:
-        return {"weight_transfer_config": {"backend": "nccl"}}
-
-    def trainer_init_info(self, num_engines: int, tensor_parallel: int = 1) -> dict[str, Any]:
-        """Keyword arguments of vLLM's ``NCCLTrainerInitInfo`` for the learner (rank 0)."""
-        info: dict[str, Any] = {
-            "master_address": self.master_address,
-            "master_port": self.master_port,
-            "world_size": 1 + num_engines * tensor_parallel,
-            "packed": self.packed,
-            "rank": 0,
-        }
-        return info | self._buffers()
-
-    def engine_init_infos(self, num_engines: int, tensor_parallel: int = 1) -> list[dict]:
-        """``init_weight_transfer_engine`` payloads, one per engine (distinct ranks)."""
-        world = 1 + num_engines * tensor_parallel
-        return [
-            {
-                "master_address": self.master_address,
-                "master_port": self.master_port,
-                "rank_offset": 1 + i * tensor_parallel,
-                "world_size": world,
-                "packed": self.packed,
-            }
-            | self._buffers()
-            for i in range(num_engines)
-        ]
-
-    def connect(self, actors: Sequence[Any], open_trainer: Callable[[], None]) -> None:
-        """Rendezvous: every engine joins the group while ``open_trainer`` opens rank 0."""
-        import ray
-
-        infos = self.engine_init_infos(len(actors))
-        refs = [a.init_weight_transfer.remote(info) for a, info in zip(actors, infos, strict=True)]
-        open_trainer()
-        ray.get(refs)
+        if workers_per_engine < 1:
+            raise ValueError(f"workers_per_engine must be at least 1, got {workers_per_engine}")
+        self.sender = sender
+        self.workers_per_engine = workers_per_engine
+        self.ready_timeout_s = ready_timeout_s
+        self._members: list[Any] | None = None  # engines of the group in good standing
+        self.groups_opened = 0
 
     def stage(self, update: Any, spec: CheckpointSpec | None) -> Any:
-        if not isinstance(update, NcclUpdate):
-            raise TypeError(f"NcclTransport sends NcclUpdate objects, got {type(update).__name__}")
-        names = update.update_info.get("names", [])
-        if spec is not None:
-            from rollout.weights import TensorSpec
+        if update is not None:
+            raise TypeError(
+                "BroadcastTransport takes the weights from the learner's sender: pass None "
+                f"as the update, not {type(update).__name__}"
+            )
+        return _Broadcast()
 
-            header = {
-                n: TensorSpec(_dtype_code(d), tuple(s))
-                for n, d, s in zip(
-                    names,
-                    update.update_info["dtype_names"],
-                    update.update_info["shapes"],
-                    strict=True,
-                )
-            }
-            validate_update(header, spec)
-        return update
+    def load(self, actors: Sequence[Any], staged: Any, version: int) -> list[Any]:
+        import ray
 
-    def load(self, actor: Any, staged: Any, version: int) -> Any:
-        return actor.receive_weights.remote(staged.update_info, version)
+        actors = list(actors)
+        group = self._new_group(len(actors)) if actors != self._members else None
+        self._members = None  # in good standing again only once finish() saw it work
+        staged.members = actors
+        idle = [actor.get_weights_version.remote() for actor in actors]
+        ray.wait(idle, num_returns=len(idle), timeout=self.ready_timeout_s)
+        calls = []
+        if group is not None:
+            calls.append(self.sender.open(group["prefix"], group["world_size"]))
+        refs = [
+            actor.load_broadcast.remote(version, self._rank_of(group, i))
+            for i, actor in enumerate(actors)
+        ]
+        calls.append(self.sender.send(version))
+        staged.attempts.append(calls)
+        return refs
 
-    def dispatched(self, staged: Any) -> None:
-        staged.send()
+    def finish(self, staged: Any) -> None:
+        # The engines' outcome is the update's (the pool has it); the sender's calls
+        # only decide whether the last group stays in good standing.
+        timeout = self.sender.endpoint["timeout_s"]
+        failed: list[Exception] = []
+        for attempt in staged.attempts:
+            errors = [_error(ref, timeout) for ref in attempt]
+            failed = [e for e in errors if e is not None and not isinstance(e, WeightUpdateError)]
+            for error in failed:
+                logger.warning("the learner's weight sender failed: %s", error)
+        if not failed:
+            self._members = staged.members
 
     def restore(self, staged: Any, version: int) -> dict[str, Any]:
-        raise RuntimeError(
-            "an engine failed while using the NCCL transport; a replacement cannot join the "
-            "existing NCCL group: shut the pool down and start again (or use the object-store "
-            "transport, which restores engines on its own)"
-        )
+        return {"weights": self.sender.snapshot(version), "weights_version": version}
 
-    def _buffers(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.packed_buffer_size_bytes is not None:
-            out["packed_buffer_size_bytes"] = self.packed_buffer_size_bytes
-        if self.packed_num_buffers is not None:
-            out["packed_num_buffers"] = self.packed_num_buffers
-        return out
+    def _new_group(self, engines: int) -> dict[str, Any]:
+        self.groups_opened += 1
+        return {
+            **self.sender.endpoint,
+            "prefix": f"grpo-weights/{uuid.uuid4().hex[:12]}",
+            "world_size": 1 + engines * self.workers_per_engine,
+            "workers_per_engine": self.workers_per_engine,
+        }
 
-
-_DTYPE_CODES = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-}
+    def _rank_of(self, group: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
+        if group is None:
+            return None
+        return {**group, "rank_offset": 1 + index * self.workers_per_engine}
 
 
-def _dtype_code(torch_name: str) -> str:
-    return _DTYPE_CODES.get(torch_name, torch_name.upper())
+def _error(ref: Any, timeout_s: float) -> Exception | None:
+    """The exception a sender call raised (unwrapped from Ray's), or None."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        ray.get(ref, timeout=timeout_s)
+    except RayTaskError as exc:
+        return exc.cause if isinstance(exc.cause, Exception) else exc
+    except Exception as exc:
+        return exc
+    return None

@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 
 TIED_HEAD = "lm_head.weight"
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_DTYPE_CODES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
 _MAX_LISTED = 5
 
 
@@ -51,6 +59,11 @@ class CheckpointSpec:
 
     tensors: dict[str, TensorSpec]
     tied_embeddings: bool
+
+
+def dtype_code(torch_name: str) -> str:
+    """The safetensors code of a torch dtype name (``"float32"`` → ``"F32"``)."""
+    return _DTYPE_CODES.get(torch_name, torch_name.upper())
 
 
 def serialize_weights(named_tensors: Mapping[str, torch.Tensor] | Iterable) -> bytes:

@@ -69,3 +69,11 @@ def verl_compute_score(data_source, solution_str, ground_truth, extra_info=None)
     if data_source == "with_details":
         return {"score": float(correct), "acc": correct, "pred": numbers[-1] if numbers else None}
     return float(correct)
+
+
+def math_of_answer_column(completions, answer, **kwargs):
+    """TRL-style: the built-in math check against the dataset's `answer` column (sent as
+    item metadata through `data.metadata_fields`)."""
+    from reward.verifiers.math_answer import check_math
+
+    return [check_math(str(a), c)[0] for a, c in zip(answer, completions, strict=True)]
