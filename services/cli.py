@@ -1,7 +1,9 @@
 """The ``grpo`` command line.
 
-``grpo train CONFIG [--set k=v] [--dry-run]`` runs a job locally (or on the
-cluster at ``cluster.ray_address``) with a progress bar; ``grpo eval`` runs the
+``grpo train CONFIG [--set k=v] [--dry-run] [--verbose]`` runs a job locally (or on
+the cluster at ``cluster.ray_address``) with a live progress display (one line per
+step when stdout is not a terminal, :mod:`services.progress`); Ray's and vLLM's
+output goes to ``<output.dir>/logs/train.log`` unless ``--verbose``; ``grpo eval`` runs the
 evaluation alone; ``grpo reward serve`` runs the reward service;
 ``grpo arithmetic prepare`` writes the arithmetic task's data and base model.
 Errors in the spec are printed as one line per field and exit with status 2.
@@ -18,18 +20,18 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services.spec import JobSpec, SpecError, load_spec
 
 if TYPE_CHECKING:
     from services.client import JobClient
+    from services.train.run import RunResult
 
 T = TypeVar("T")
 
@@ -79,7 +81,7 @@ def train(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a GRPO training job."""
-    from services.train.run import PreflightError, TrainingRun, preflight
+    from services.train.run import PreflightError, preflight
 
     _logging(verbose)
     spec = _load(config, set_)
@@ -93,9 +95,7 @@ def train(
     if dry_run:
         console.print(f"[green]{config}: valid[/green] ({spec.train.steps} steps)")
         return
-    with _progress() as progress:
-        task = progress.add_task("training", total=spec.train.steps, status="starting engines…")
-        result = TrainingRun(spec, on_step=lambda step, m: _show(progress, task, step, m)).run()
+    result = _run(spec, verbose)
     summary = _summary(result.metrics)
     console.print(
         f"[bold]{result.status}[/bold] after {result.steps_done} steps → {result.run_dir}"
@@ -300,29 +300,26 @@ def resume(job_id: str, url: UrlOption = None) -> None:
     typer.echo(f"{job.id} {job.state.value} (run {job.run})")
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=console,
-    )
+def _run(spec: JobSpec, verbose: bool) -> RunResult:
+    """The training run with its console: a progress display, Ray's and vLLM's output in
+    the run's log file (on the console with ``verbose``, where the display prints lines)."""
+    from services.progress import StepDisplay, console_warnings, quiet_output
+    from services.train.run import TrainingRun
 
-
-def _show(progress: Progress, task: Any, step: int, metrics: dict[str, Any]) -> None:
-    parts = [f"step {step}"]
-    for key, label in (
-        ("reward/mean", "reward"),
-        ("eval/accuracy", "acc"),
-        ("time/step_s", "s/step"),
+    log_file = Path(spec.output.dir) / "logs" / "train.log"
+    if not verbose:
+        logging.getLogger().setLevel(logging.INFO)  # the log file takes INFO
+    output = nullcontext(sys.stdout) if verbose else quiet_output(log_file)
+    with (
+        output as out,
+        StepDisplay(spec.train.steps, out, live=False if verbose else None) as display,
     ):
-        if metrics.get(key) is not None:
-            parts.append(f"{label} {metrics[key]:.3f}")
-    progress.update(task, completed=step, status="  ".join(parts))
-    if "eval/accuracy" in metrics:
-        progress.console.print(f"step {step}: eval/accuracy {metrics['eval/accuracy']:.3f}")
+        where = "here" if verbose else f"in {log_file} (--verbose shows them here)"
+        display.say(
+            f"{spec.name}: {spec.train.steps} steps → {spec.output.dir}; Ray and vLLM logs {where}"
+        )
+        with nullcontext() if verbose else console_warnings(display):
+            return TrainingRun(spec, on_step=display).run()
 
 
 def _summary(records: list[dict[str, Any]]) -> str:
