@@ -64,3 +64,12 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_torn_middle_line_is_an_error(
     with pytest.raises(ValueError, match="metrics.jsonl:2 is not valid JSON"):
         run.read_metrics()
     assert json.loads(lines[1])["step"] == 2
+
+
+def test_a_run_that_does_not_resume_leaves_no_older_checkpoint_behind(tmp_path):
+    run = RunDirectory(tmp_path)
+    run.prepare({"name": "x"})
+    run.write_checkpoint(200, write_state("older run"), keep_last=2)
+    run.append_metrics({"step": 200})
+    run.start_fresh()
+    assert run.latest_checkpoint() is None and run.read_metrics() == []

@@ -183,7 +183,7 @@ class TrainingRun:
     def _resume(self) -> None:
         checkpoint = self._checkpoint_to_resume()
         if checkpoint is None:
-            self.run_dir.truncate_after(-1)
+            self.run_dir.start_fresh()
             return
         state = json.loads((checkpoint / "driver_state.json").read_text())
         self.parts.learner.load_checkpoint(str(checkpoint))

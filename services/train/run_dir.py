@@ -67,6 +67,18 @@ class RunDirectory:
     def read_metrics(self) -> list[dict[str, Any]]:
         return _read_lines(self.metrics_file)
 
+    def start_fresh(self) -> None:
+        """A run that does not resume owns the directory: earlier metrics, samples and
+        checkpoints go (else a later ``resume: auto`` could pick up an older run's)."""
+        old = self.list_checkpoints()
+        if old:
+            log.warning(
+                "not resuming: removing %d earlier checkpoint(s) in %s", len(old), self.path
+            )
+        for _, path in old:
+            shutil.rmtree(path)
+        self.truncate_after(-1)
+
     def truncate_after(self, step: int) -> None:
         """Drop metric and sample lines of steps after ``step`` (written before a crash)."""
         for path in (self.metrics_file, self.samples_file):
