@@ -161,8 +161,11 @@ def test_malformed_specs_get_422_naming_the_field(http, spec, field, message):
         ({"output": {"dir": "/var/tmp/run"}}, "output.dir", "outside the allowed roots"),
         ({"checkpoint": {"resume": "escape/step_2"}}, "checkpoint.resume", "outside"),
         ({"cluster": {"ray_address": "ray://elsewhere:10001"}}, "cluster.ray_address", "null"),
-        ({"reward": {"url": "https://rm.example", "token_env": "HOME"}}, "reward.token_env",
-         "GRPO_REWARD_"),
+        (
+            {"reward": {"url": "https://rm.example", "token_env": "HOME"}},
+            "reward.token_env",
+            "GRPO_REWARD_",
+        ),
         ({"reward": {"url": "http://x"}}, "reward.url", "GRPO_API_ALLOWED_REWARD_URLS"),
     ],
 )

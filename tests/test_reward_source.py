@@ -74,4 +74,3 @@ def test_a_dead_driver_started_service_is_restarted_once_with_a_fresh_token(ray_
         assert source.score([ITEM], job_id="j", step=3)[0].status == "error"
     finally:
         source.close()
-

@@ -165,6 +165,4 @@ def test_a_token_url_must_share_the_reward_urls_origin():
     for token_url in ("http://rm.internal:8001", "http://evil.example:8000"):
         message = refused(raw_with(("reward",), {**reward, "token_url": token_url}))
         assert "reward.token_url" in message
-    assert "reward.token_url" in refused(
-        raw_with(("reward",), {"token_url": "http://rm.internal"})
-    )
+    assert "reward.token_url" in refused(raw_with(("reward",), {"token_url": "http://rm.internal"}))
