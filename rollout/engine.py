@@ -21,7 +21,7 @@ from typing import Any
 
 from rollout.config import RolloutConfig
 from rollout.records import GroupRequest, RolloutRecord, SamplingSpec
-from rollout.weights import WeightUpdateError, checkpoint_spec, read_header, validate_update
+from rollout.weights import WeightUpdateError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ class RolloutEngine:
 
         self.model_path = str(model_path)
         self.config = config
-        self._spec = checkpoint_spec(model_path)
         on_cpu = current_platform.is_cpu()
         start = time.perf_counter()
         options: dict[str, Any] = {}
@@ -130,9 +129,9 @@ class RolloutEngine:
         """Load a safetensors payload (see :mod:`rollout.weights`) and adopt ``version``.
 
         A malformed payload raises :class:`WeightUpdateError` before anything
-        changes; the engine keeps serving its current weights and version.
+        changes (each worker validates it against its model before loading); the
+        engine keeps serving its current weights and version.
         """
-        validate_update(read_header(payload), self._spec)
         results = self._llm.collective_rpc(
             "grpo_load_weights", args=(payload,), timeout=self.config.call_timeout_s
         )

@@ -181,7 +181,7 @@ def test_cancel_of_a_running_job_checkpoints_and_ends_its_actors(api, jobs, ray_
         return actors if actors and all(a.state == "DEAD" for a in actors) else None
 
     actors = wait_for(all_dead, 60, "the job's actors to be DEAD")
-    assert {"Learner", "RewardService"} <= {a.class_name for a in actors}
+    assert {"LearnerRank", "RewardService"} <= {a.class_name for a in actors}
 
 
 def test_reconciler_fails_vanished_and_failed_ray_jobs_and_enforces_grace(

@@ -348,7 +348,15 @@ def test_fuzzing_the_reward_app_finds_no_server_error(url):
 
     schema = schemathesis.openapi.from_dict(json.loads(json.dumps(reward_schema())))
     modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
-    checks = [not_a_server_error, response_schema_conformance, content_type_conformance]
+
+    def no_undocumented_server_error(ctx, response, case):
+        """/get_reward's 502 is its documented answer to a batch with unscorable items
+        (OpenRLHF's format has no per-item status); any other 5xx is a bug."""
+        if response.status_code == 502 and case.path.endswith("get_reward"):
+            return None
+        return not_a_server_error(ctx, response, case)
+
+    checks = [no_undocumented_server_error, response_schema_conformance, content_type_conformance]
     auth = {"Authorization": f"Bearer {TOKEN}"}
     failures: list[str] = []
 

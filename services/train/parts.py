@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import secrets
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -339,11 +341,26 @@ def _in(group: Any, bundle: int) -> PlacementGroupSchedulingStrategy:
 
 @ray.remote(num_cpus=0)
 def _free_port() -> tuple[str, int]:
-    """This node's address and a port free on it now (where rank 0's group will meet)."""
+    """This node's address and a port free on it, below the kernel's ephemeral range:
+    ports there go to outgoing connections (Ray opens many) and one could take the port
+    in the seconds before rank 0 listens on it."""
     address = ray.util.get_node_ip_address()
-    with socket.socket() as probe:
-        probe.bind((address, 0))
-        return address, probe.getsockname()[1]
+    first_ephemeral = _first_ephemeral_port()
+    for port in random.sample(range(max(1024, first_ephemeral - 10_000), first_ephemeral), 100):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return address, port
+    raise RuntimeError("no free port for the learner group below the ephemeral port range")
+
+
+def _first_ephemeral_port() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 # -------------------------------------------------------------------------- reward
