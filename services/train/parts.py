@@ -288,8 +288,8 @@ def start_learner(spec: JobSpec, config: LearnerConfig) -> LearnerGroup:
 
 
 def weight_transport(spec: JobSpec) -> str:
-    """``cluster.weight_transport`` resolved: ``auto`` is broadcast (DESIGN.md's rule:
-    never slower in bench/weight_sync.py, 7.6x faster at 100M parameters on CPU)."""
+    """``cluster.weight_transport`` resolved: ``auto`` is broadcast (bench/weight_sync.py:
+    faster from the 2M demo model up, 7.3x at 100M on CPU; 4 ms slower at 0.3M)."""
     chosen = spec.cluster.weight_transport
     return "broadcast" if chosen == "auto" else chosen
 
