@@ -14,6 +14,7 @@ import httpx
 import pytest
 from api_fixtures import TOKEN, api_settings, running_api
 from fastapi.routing import APIRoute
+from fuzz_testkit import schema_failures
 from typer.testing import CliRunner
 
 from services.api.jobs import token_digest
@@ -415,38 +416,5 @@ def test_the_committed_openapi_document_is_current():
 
 
 def test_fuzzing_from_the_openapi_schema_finds_no_server_error(api):
-    schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, Phase, given
-    from hypothesis import settings as hsettings
-    from hypothesis import strategies as st
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (
-        content_type_conformance,
-        response_schema_conformance,
-    )
-
-    schema = schemathesis.openapi.from_dict(json.loads(DOC.read_text()))
-    modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
-    checks = [not_a_server_error, response_schema_conformance, content_type_conformance]
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    url = api[0].url
-    failures: list[str] = []
-
-    def fuzz(operation) -> None:
-        cases = st.one_of([operation.as_strategy(generation_mode=mode) for mode in modes])
-
-        @hsettings(max_examples=15, deadline=None, phases=[Phase.generate], database=None,
-                   suppress_health_check=list(HealthCheck))  # fmt: skip
-        @given(case=cases)
-        def check(case):
-            response = case.call(base_url=url, headers=auth, timeout=30)
-            case.validate_response(response, checks=checks)
-
-        try:
-            check()
-        except Exception as error:  # collect every operation's failure, then report
-            failures.append(f"{operation.label}: {error}"[:3000])
-
-    for result in schema.get_all_operations():
-        fuzz(result.ok())
+    failures = schema_failures(json.loads(DOC.read_text()), api[0].url, TOKEN, max_examples=15)
     assert failures == [], "\n\n".join(failures)

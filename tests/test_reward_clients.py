@@ -6,7 +6,6 @@ service; one WARNING per refused request; a truthful OpenAPI document, fuzzed.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import httpx
 import pytest
 import requests
 import reward_custom_verifiers
+from fuzz_testkit import schema_failures
 from reward_custom_verifiers import CALLS
 from reward_testkit import item, running_service
 
@@ -29,7 +29,6 @@ from reward.protocol import CALL_KEYWORDS
 TOKEN = "clients-token-123"
 PATH_TOKEN = "openrlhf-path-secret-0123"
 CUSTOM = reward_custom_verifiers.__name__
-HAS_TRL = importlib.util.find_spec("trl") is not None
 GRPO = Path(sys.executable).with_name("grpo")
 
 
@@ -43,12 +42,10 @@ CUSTOM_VERIFIERS: dict[str, object] = {
     "probe_chat": {"path": f"{CUSTOM}:keyword_probe", "conversational": True},
     "async_boxed": f"{CUSTOM}:async_boxed",
     "verl": {"path": f"{CUSTOM}:verl_compute_score", "style": "verl", "data_source": "plain"},
-    **(
-        {name: chat(name) for name in ("accuracy_reward", "think_format_reward")}
-        | {"reasoning_accuracy_reward": chat("reasoning_accuracy_reward")}
-        if HAS_TRL
-        else {}
-    ),
+    **{
+        name: chat(name)
+        for name in ("accuracy_reward", "think_format_reward", "reasoning_accuracy_reward")
+    },
 }
 SETTINGS = {
     "token": TOKEN,
@@ -78,7 +75,6 @@ def scored(client, name: str, items: list[dict]) -> list[tuple[str, float | None
 # --- TRL ------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_TRL, reason="trl is not installed (it is in the dev extra)")
 @pytest.mark.parametrize(
     ("name", "right", "wrong"),
     [
@@ -94,7 +90,6 @@ def test_trls_own_reward_functions_in_conversational_mode(client, name, right, w
     assert scored(client, name, items) == [("ok", 1.0), ("ok", 0.0)]
 
 
-@pytest.mark.skipif(not HAS_TRL, reason="trl is not installed (it is in the dev extra)")
 def test_trls_none_is_unscorable_not_zero(client):
     # accuracy_reward answers None when the gold solution does not parse.
     [result] = client.score(
@@ -335,46 +330,15 @@ def test_openapi_declares_the_bearer_scheme_and_error_bodies():
     assert "security" not in schema["paths"]["/healthz"]["get"]
 
 
+def get_reward_batch_failed(response, case) -> bool:
+    """/get_reward's 502 is its documented answer to a batch with unscorable items
+    (OpenRLHF's format has no per-item status); any other 5xx is a bug."""
+    return response.status_code == 502 and case.path.endswith("get_reward")
+
+
 def test_fuzzing_the_reward_app_finds_no_server_error(url):
-    schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, Phase, given
-    from hypothesis import settings as hsettings
-    from hypothesis import strategies as st
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (
-        content_type_conformance,
-        response_schema_conformance,
+    schema = json.loads(json.dumps(reward_schema()))
+    failures = schema_failures(
+        schema, url, TOKEN, max_examples=12, documented_5xx=get_reward_batch_failed
     )
-
-    schema = schemathesis.openapi.from_dict(json.loads(json.dumps(reward_schema())))
-    modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
-
-    def no_undocumented_server_error(ctx, response, case):
-        """/get_reward's 502 is its documented answer to a batch with unscorable items
-        (OpenRLHF's format has no per-item status); any other 5xx is a bug."""
-        if response.status_code == 502 and case.path.endswith("get_reward"):
-            return None
-        return not_a_server_error(ctx, response, case)
-
-    checks = [no_undocumented_server_error, response_schema_conformance, content_type_conformance]
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    failures: list[str] = []
-
-    def fuzz(operation) -> None:
-        cases = st.one_of([operation.as_strategy(generation_mode=mode) for mode in modes])
-
-        @hsettings(max_examples=12, deadline=None, phases=[Phase.generate], database=None,
-                   suppress_health_check=list(HealthCheck))  # fmt: skip
-        @given(case=cases)
-        def check(case):
-            response = case.call(base_url=url, headers=auth, timeout=30)
-            case.validate_response(response, checks=checks)
-
-        try:
-            check()
-        except Exception as error:  # collect every operation's failure, then report
-            failures.append(f"{operation.label}: {error}"[:3000])
-
-    for result in schema.get_all_operations():
-        fuzz(result.ok())
     assert failures == [], "\n\n".join(failures)
