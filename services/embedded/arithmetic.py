@@ -176,6 +176,12 @@ def _sft_batch(tokenizer, problems: list[Problem]):
     return input_ids, labels, attention
 
 
+def weights_sha256(model_dir: str | Path) -> str:
+    """SHA-256 of ``model_dir/model.safetensors``: equal digests, the same base policy
+    (examples/arithmetic/README.md records the one the warm-up builds)."""
+    return hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()
+
+
 def _digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
