@@ -335,6 +335,8 @@ class GrpoRun:
     line_times: list[float] = field(default_factory=list)
     """Seconds from the start of the process to each metrics line's appearance."""
     log_tail: str = ""
+    placement: dict[str, Any] = field(default_factory=dict)
+    """The run's ``placement.json``, with its start-up times (``startup_s``)."""
 
     def steps(self) -> list[dict[str, Any]]:
         return [m for m in self.metrics if m.get("step", 0) >= 1 and "time/step_s" in m]
@@ -402,8 +404,10 @@ def run_grpo_train(
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"grpo train failed ({proc.returncode}):\n{tail}")
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    placement_file = run_dir / "placement.json"
+    placement = json.loads(placement_file.read_text()) if placement_file.exists() else {}
     shutil.rmtree(tmp, ignore_errors=True)
-    return GrpoRun(list(sets), wall, metrics, line_times, tail)
+    return GrpoRun(list(sets), wall, metrics, line_times, tail, placement)
 
 
 def _note_new_lines(path: Path, times: list[float], now: float) -> None:
