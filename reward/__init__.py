@@ -7,7 +7,8 @@ does not pay for FastAPI and uvicorn. This package never imports `learner`, `rol
 or `services`.
 
 Modules: `protocol` (wire format), `settings`, `scorer` (the work), `app` and `routers`
-(HTTP), `server` (uvicorn), `client`, `metrics`, `errors`, and `verifiers/`.
+(HTTP), `server` (uvicorn), `client`, `metrics`, `errors`, `urls` (URLs without
+their secrets, for messages) and `verifiers/`.
 """
 
 from __future__ import annotations

@@ -3,8 +3,11 @@
 It splits a list of items into requests of at most `max_batch`, retries transient
 failures (connection errors, timeouts, 408, 429, 5xx) with exponential backoff, raises
 `RewardClientError` with the service's message on any other 4xx, and checks that every
-answer has one result per item, in order. Non-`ok` results carry `reward=None`;
-`rewards_and_steps` turns them into NaN for the GRPO math.
+answer has one result per item, in order. A result that breaks the protocol on its
+own (a NaN step reward, a step past the completion) makes only its item unscorable
+(`reward.protocol.checked_results`). Non-`ok` results carry `reward=None`;
+`rewards_and_steps` turns them into NaN for the GRPO math. Messages and logs show the
+service's URL without its credentials or query (`reward.urls.redact_url`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
-from pydantic import ValidationError
 
 from reward.errors import RewardClientError
-from reward.protocol import Item, Result, ScoreRequest, ScoreResponse, StepReward, VerifiersResponse
+from reward.protocol import (
+    Item,
+    Result,
+    ScoreRequest,
+    StepReward,
+    VerifiersResponse,
+    checked_results,
+)
+from reward.urls import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +55,7 @@ class RewardClient:
             raise ValueError("max_batch and max_in_flight must be at least 1")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
+        self.shown_url = redact_url(self.url)
         self.max_batch = max_batch
         self.retries = retries
         self.backoff_s = backoff_s
@@ -105,7 +116,11 @@ class RewardClient:
             if attempt:
                 delay = self.backoff_s * 2 ** (attempt - 1)
                 logger.warning(
-                    "reward service %s: %s; retry %d in %.1fs", self.url, problem, attempt, delay
+                    "reward service %s: %s; retry %d in %.1fs",
+                    self.shown_url,
+                    problem,
+                    attempt,
+                    delay,
                 )
                 time.sleep(delay)
             try:
@@ -118,26 +133,19 @@ class RewardClient:
             problem = f"{method} {path} answered {response.status_code}: {_detail(response)}"
             if response.status_code not in _RETRY_STATUS and response.status_code < 500:
                 raise RewardClientError(
-                    f"reward service {self.url}: {problem}", response.status_code
+                    f"reward service {self.shown_url}: {problem}", response.status_code
                 )
         raise RewardClientError(
-            f"reward service {self.url} failed after {self.retries + 1} attempt(s): {problem}"
+            f"reward service {self.shown_url} failed after {self.retries + 1} attempt(s): {problem}"
         )
 
     def _results(self, response: httpx.Response, batch: Sequence[Item]) -> list[Result]:
         try:
-            results = ScoreResponse.model_validate_json(response.content).results
-        except ValidationError as exc:
+            return checked_results(response.json(), batch)
+        except ValueError as exc:  # not JSON, or not one result per item in order
             raise RewardClientError(
-                f"reward service {self.url} sent an invalid answer: {exc}"
-            ) from exc
-        ids = [result.id for result in results]
-        if ids != [item.id for item in batch]:
-            raise RewardClientError(
-                f"reward service {self.url} answered {len(results)} results for {len(batch)} "
-                "items, or out of order"
-            )
-        return results
+                f"reward service {self.shown_url} sent an invalid answer: {exc}"
+            ) from None
 
 
 def _detail(response: httpx.Response) -> str:

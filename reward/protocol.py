@@ -7,20 +7,23 @@ imports nothing but pydantic, so a driver or a user's own service can use it alo
 Request models forbid unknown fields (a misspelt `refrence` is a 422, not a silently
 missing reference), refuse text that is not valid Unicode (`ValidUnicode`) and weights
 whose sum would overflow (`check_weights`). Response models ignore unknown fields, so
-an older client keeps working against a newer service.
+an older client keeps working against a newer service. `checked_results` reads a
+service's answer for the items it was sent: a result that breaks the protocol on its
+own makes that item unscorable, and keeps the rest of the answer.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -173,7 +176,7 @@ class StepReward(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     end: int = Field(ge=0, description="Exclusive character offset of the step's end.")
-    reward: float
+    reward: float = Field(allow_inf_nan=False)
 
 
 class Result(BaseModel):
@@ -200,6 +203,70 @@ class ScoreResponse(BaseModel):
     """Body of the answer to `POST /v1/score`: one result per item, in request order."""
 
     results: list[Result]
+
+
+class ScoredItem(Protocol):
+    """What `checked_results` needs of an item that was sent: its id and completion."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def completion(self) -> str: ...
+
+
+def checked_results(body: Any, items: Sequence[ScoredItem]) -> list[Result]:
+    """The results in a decoded v1 answer `body` to `items`, in order.
+
+    An answer that is not `{"results": [...]}` with one result per item, carrying the
+    items' ids in order, raises ValueError: the whole batch failed. A result that breaks
+    the protocol on its own (a step reward that is not a finite number, a step that ends
+    past its completion, an `ok` without a finite reward) becomes that item's `error`,
+    saying which field and why; the other results are kept.
+    """
+    results = body.get("results") if isinstance(body, dict) else None
+    if not isinstance(results, list):
+        raise ValueError("the answer has no 'results' list")
+    if len(results) != len(items):
+        raise ValueError(f"{len(results)} result(s) for {len(items)} item(s)")
+    return [_checked(raw, item, index) for index, (raw, item) in enumerate(zip(results, items))]
+
+
+def _checked(raw: Any, item: ScoredItem, index: int) -> Result:
+    found = raw.get("id") if isinstance(raw, dict) else None
+    if found != item.id:
+        raise ValueError(f"result {index} has id {found!r} where {item.id!r} was expected")
+    try:
+        result = Result.model_validate(raw)
+    except ValidationError as error:
+        return _broken(item.id, "; ".join(_problem(e) for e in error.errors()))
+    for number, step in enumerate(result.step_rewards or ()):
+        if step.end > len(item.completion):
+            return _broken(
+                item.id,
+                f"step_rewards.{number}.end: {step.end} is past the end of the completion "
+                f"({len(item.completion)} characters)",
+            )
+    return result
+
+
+def _problem(error: Any) -> str:
+    """``"step_rewards.1.reward: Input should be a finite number (got nan)"``."""
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:
+        return message
+    shown = repr(error["input"])
+    got = f" (got {shown})" if len(shown) <= 40 else ""
+    return f"{'.'.join(map(str, error['loc']))}: {message}{got}"
+
+
+def _broken(item_id: str, problem: str) -> Result:
+    return Result(
+        id=item_id,
+        status="error",
+        error="the scoring service's result breaks reward protocol v1, so the item is "
+        f"unscorable: {problem}",
+    )
 
 
 class VerifierInfo(BaseModel):

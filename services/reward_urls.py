@@ -7,8 +7,9 @@ host is a plain host name or IP address. The job API admits a submitted spec onl
 ``reward.token_url``; the driver sends the reward token only to URLs of that origin
 (``may_send_token``). Origins are compared as parsed tuples, never as string
 prefixes: ``http://rm.internal.evil.com`` does not match ``http://rm.internal``.
-Credentials and query strings in a URL are secrets: ``redact_url`` hides them
-wherever a URL is shown or logged.
+Credentials and query strings in a URL are secrets: ``redact_url`` (``reward.urls``,
+so that the reward client uses the same one) hides them wherever a URL is shown or
+logged.
 
 Pure functions on strings, imported by the spec, the job API and the driver.
 """
@@ -17,10 +18,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from reward.urls import redact_url
+
+__all__ = ["check_url", "matching_entry", "may_send_token", "origin", "redact_url"]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
-REDACTED = "***"
 # A DNS name or IPv4 address, or a bracketed IPv6 address: nothing that two URL parsers
 # could read differently (no percent-escapes, backslashes or spaces).
 _HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
@@ -74,16 +78,3 @@ def may_send_token(url: str, token_url: str | None) -> bool:
     token. None (a local ``grpo train``, whose user wrote the spec) trusts ``url``.
     """
     return token_url is None or origin(url) == origin(token_url)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its credentials (``user:password@``) and query string replaced by ***."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return REDACTED
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
-    query = REDACTED if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))

@@ -39,6 +39,23 @@ def item(id: str, completion: str, reference: str | None = None, **extra: object
     return {**body, **extra}
 
 
+def _last_step(field: str, value: object):
+    def breaks(result: dict, completion: str) -> None:
+        result["step_rewards"][-1][field] = value
+
+    return breaks
+
+
+BROKEN_STEPS = {
+    "nan": _last_step("reward", float("nan")),  # json.dumps writes NaN, Infinity
+    "inf": _last_step("reward", float("inf")),
+    "null": _last_step("reward", None),
+    "past": lambda result, completion: result["step_rewards"][-1].update(end=len(completion) + 1),
+    "unrewarded": lambda result, completion: result.update(reward=None),
+}
+"""How `/steps/v1/score` breaks the result of an item whose completion starts with the key."""
+
+
 class FakeUserService:
     """A user's scoring service, misbehaving on purpose depending on the path.
 
@@ -49,7 +66,9 @@ class FakeUserService:
     - `/nonjson/v1/score`: 200 with HTML;  `/short/v1/score`: one result too few;
     - `/bad/v1/score`: 400;  `/throttled/v1/score`: 429 once, then like `/ok`;
     - `/auth/v1/score`: like `/ok` but needs `Authorization: Bearer secret-token`;
-    - `/orm/get_reward`: OpenRLHF format; reward 1.0 if the label occurs in the query.
+    - `/orm/get_reward`: OpenRLHF format; reward 1.0 if the label occurs in the query;
+    - `/steps/v1/score`: like `/ok`, but an item whose completion starts with a word of
+      `BROKEN_STEPS` gets that breakage in its last step (or its reward).
     """
 
     def __init__(self, hang_s: float = 3.0):
@@ -128,4 +147,9 @@ class FakeUserService:
         answer = self._v1(body)
         if kind == "short":
             answer["results"] = answer["results"][:-1]
+        if kind == "steps":
+            for entry, result in zip(body["items"], answer["results"], strict=True):
+                breaks = BROKEN_STEPS.get(entry["completion"].partition("\n")[0])
+                if breaks is not None:
+                    breaks(result, entry["completion"])
         return 200, answer

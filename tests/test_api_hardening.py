@@ -91,6 +91,7 @@ def test_lone_surrogates_are_422_and_nothing_is_stored(api, text, field):
         ("train", '{"eval_every": 0, "steps": 1000000000000000000000000000000}', "train.steps"),
         ("rollout", '{"engines": 1000000}', "rollout.engines"),
         ("cluster", '{"learner": {"num_gpus": 1e9}}', "cluster.learner.num_gpus"),
+        ("model", '{"path": "m", "lora": {"rank": 8, "alpha": Infinity}}', "model.lora.alpha"),
     ],
 )
 def test_absurd_and_non_finite_numbers_are_422(api, section, literal, field):
@@ -120,6 +121,11 @@ def test_an_allowed_reward_url_is_pinned_and_its_secrets_are_hidden(api):
     assert "s3cret" not in json.dumps(shown) and "k3y" not in json.dumps(shown)
     refused = api.post("/v1/jobs", json=body(reward={"url": "ftp://u:s3cret@h/"}), headers=ADMIN)
     assert refused.status_code == 422 and "s3cret" not in refused.text
+
+
+def test_too_many_metadata_fields_are_422(api):
+    spec = body(data={"metadata_fields": [f"column{i}" for i in range(65)]})
+    assert_names(api.post("/v1/jobs", json=spec, headers=ADMIN), "data.metadata_fields")
 
 
 def test_weights_whose_sum_overflows_are_422(api):

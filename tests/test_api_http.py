@@ -116,7 +116,7 @@ def test_driver_routes_refuse_the_admin_token(http, client):
     job = client.submit(fresh())
     response = http.post(f"/v1/jobs/{job.id}/report/state", json={"state": "RUNNING"})
     assert response.status_code == 401
-    assert "GRPO_JOB_TOKEN" in response.json()["detail"]
+    assert "--token-file" in response.json()["detail"]
 
 
 def test_the_token_is_not_in_the_log(api, caplog):
@@ -350,14 +350,15 @@ def test_http_reporter_reports_and_sees_a_cancel(api, client, caplog):
 
 
 def test_reporter_from_env(monkeypatch):
-    for name in ("GRPO_JOB_API_URL", "GRPO_JOB_ID", "GRPO_JOB_TOKEN"):
+    for name in ("GRPO_JOB_API_URL", "GRPO_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
-    assert isinstance(reporter_from_env(), NullReporter)
+    assert isinstance(reporter_from_env("t"), NullReporter)
     monkeypatch.setenv("GRPO_JOB_API_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("GRPO_JOB_ID", "job-x")
-    monkeypatch.setenv("GRPO_JOB_TOKEN", "t")
-    reporter = reporter_from_env()
+    assert isinstance(reporter_from_env(None), NullReporter)  # no token file: no reports
+    reporter = reporter_from_env("t")
     assert isinstance(reporter, HttpReporter)
+    assert reporter._http.headers["Authorization"] == "Bearer t"
     assert reporter.base == "http://127.0.0.1:1/v1/jobs/job-x/report"
     reporter.close()
 

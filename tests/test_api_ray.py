@@ -4,6 +4,8 @@ vLLM engine start).
 - A 2-step arithmetic job submitted through the client runs to SUCCEEDED; its metrics,
   checkpoints and log are served; after a restart of the API (a new app on the same
   database) the job is still there with its metrics.
+- The run's token (with which that job's driver reported) is in nothing Ray shows of
+  the job, and its token file is left on no disk.
 - A running job that is cancelled checkpoints, ends CANCELLED, and its Ray actors die.
 - The reconciler fails runs whose Ray job failed without a report or vanished, and
   stops a cancelled run that outlives its grace period (cheap Ray jobs, no training).
@@ -11,6 +13,7 @@ vLLM engine start).
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -24,7 +27,8 @@ from api_fixtures import (  # noqa: F401
     tiny_job,
 )
 
-from services.api.launcher import RayLauncher, submission_id
+from services.api.jobs import token_digest
+from services.api.launcher import TOKEN_FILE, RayLauncher, submission_id
 from services.api.reconciler import Reconciler
 from services.api.server import ApiServer
 from services.api.settings import ApiSettings
@@ -144,6 +148,29 @@ def test_job_runs_to_succeeded_and_survives_an_api_restart(api, jobs):
     assert kept.state is JobState.SUCCEEDED and kept.step == 2
     assert list(api.client.iter_metrics(job.id)) == records
     assert api.client.submit(tiny_job("runs/ok"), idempotency_key="real-1").id == job.id
+
+
+def test_the_run_token_is_in_nothing_ray_shows(api, jobs, ray_cluster):  # noqa: F811
+    done = api.client.wait(jobs["ok"].id, timeout_s=JOB_TIMEOUT_S, poll_s=1)
+    assert done.state is JobState.SUCCEEDED  # its driver reported with the token
+    store = JobStore(api.settings.database_url)
+    token_hash = store.get(done.id).token_hash
+    store.close()
+    ray_jobs = ray_cluster.job_client()
+    info = ray_jobs.get_job_info(done.ray_submission_id)
+    shown = repr(info) + repr(ray_jobs.list_jobs())
+    assert done.ray_submission_id in shown and "--token-file" in shown
+    words = set(re.findall(r"[A-Za-z0-9_-]{43}", shown))  # secrets.token_urlsafe(32)
+    assert token_hash and not any(token_digest(word) == token_hash for word in words)
+    assert "GRPO_JOB_TOKEN" not in shown
+    # The driver read and deleted its copy on the node (the unpacked working dir)...
+    package = info.runtime_env["working_dir"].removeprefix("gcs://").removesuffix(".zip")
+    found = ray_cluster.temp_dir.glob(f"session_*/runtime_resources/*/{package}")
+    (unpacked,) = {path.resolve() for path in found}  # session_latest links to the session
+    assert (unpacked / "spec.json").exists() and not (unpacked / TOKEN_FILE).exists()
+    # ...and the API deleted its own once Ray had the package.
+    workdir = api.settings.state_dir.resolve() / "runs" / done.ray_submission_id
+    assert (workdir / "spec.json").exists() and not (workdir / TOKEN_FILE).exists()
 
 
 def test_cancel_of_a_running_job_checkpoints_and_ends_its_actors(api, jobs, ray_cluster):  # noqa: F811

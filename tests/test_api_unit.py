@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.api import specs
-from services.api.launcher import RayJob, RayUnavailable
+from services.api.jobs import token_digest
+from services.api.launcher import ENTRYPOINT, TOKEN_FILE, RayJob, RayLauncher, RayUnavailable
 from services.api.reconciler import Reconciler
 from services.api.settings import ApiSettings
 from services.api.states import (
@@ -259,14 +260,16 @@ class StandInRay:
 
     def __init__(self) -> None:
         self.submitted: list[tuple[str, dict, dict]] = []
+        self.tokens: dict[str, str] = {}
         self.status: dict[str, str] = {}
         self.stopped: list[str] = []
 
     def jobs(self) -> dict[str, RayJob]:
         return {sid: RayJob(sid, status, "msg", None) for sid, status in self.status.items()}
 
-    def submit(self, sid: str, spec: dict, env: dict) -> None:
+    def submit(self, sid: str, spec: dict, env: dict, token: str) -> None:
         self.submitted.append((sid, spec, env))
+        self.tokens[sid] = token
         self.status[sid] = "RUNNING"
 
     def stop(self, sid: str) -> None:
@@ -288,7 +291,9 @@ def test_fifo_under_max_running_and_resume_from_checkpoint(tmp_path):
         JobState.RUNNING, JobState.QUEUED, JobState.QUEUED]  # fmt: skip
     env = ray.submitted[0][2]
     assert env["GRPO_JOB_ID"] == "job-a" and env["GRPO_JOB_API_URL"] == "http://api:1"
-    assert store.get("job-a").token_hash not in (None, env["GRPO_JOB_TOKEN"])
+    token = ray.tokens["grpo-job-a-run1"]
+    assert store.get("job-a").token_hash == token_digest(token)
+    assert token not in env.values() and "GRPO_JOB_TOKEN" not in env
 
     store.apply("job-c", Event.CANCEL)  # cancelled while queued: never launched
     ray.status["grpo-job-a-run1"] = "FAILED"
@@ -413,8 +418,8 @@ class AcceptsThenErrs(StandInRay):
         super().__init__()
         self.stop_errors = stop_errors
 
-    def submit(self, sid: str, spec: dict, env: dict) -> None:
-        super().submit(sid, spec, env)
+    def submit(self, sid: str, spec: dict, env: dict, token: str) -> None:
+        super().submit(sid, spec, env, token)
         if len(self.submitted) == 1:
             raise RayUnavailable("Ray at http://ray:8265: read timed out")
 
@@ -488,6 +493,54 @@ def test_the_driver_gets_the_allowlist_entry_in_its_spec_file(tmp_path, roots):
     assert validate_spec(spec_file).reward.token_url == "http://rm.internal:8000"
 
 
+class RecordingJobClient:
+    """Stands in for Ray's ``JobSubmissionClient``: records what ``submit_job`` is given
+    and, as Ray does while it uploads the working dir, reads the token file's mode and
+    text at that moment."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[dict] = []
+        self.token_file: tuple[int, str] | None = None
+
+    def submit_job(self, **kwargs) -> str:
+        self.calls.append(kwargs)
+        path = Path(kwargs["runtime_env"]["working_dir"], TOKEN_FILE)
+        self.token_file = (path.stat().st_mode & 0o777, path.read_text())
+        if self.fail:
+            raise RuntimeError("Ray refused the job")
+        return kwargs["submission_id"]
+
+
+def launcher_with(tmp_path: Path, client: RecordingJobClient) -> RayLauncher:
+    launcher = RayLauncher("http://ray:8265", None, tmp_path / "runs")
+    launcher._client = client
+    return launcher
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_run_token_is_in_nothing_ray_shows_and_leaves_no_file_here(tmp_path, fail):
+    client = RecordingJobClient(fail=fail)
+    token = "run-token-" + "z" * 32
+    with contextlib.suppress(RuntimeError):
+        launcher_with(tmp_path, client).submit("grpo-job-a-run1", {"x": 1}, {"A": "b"}, token)
+    (call,) = client.calls
+    assert token not in repr(call)  # entrypoint, runtime_env, metadata: what Ray lists
+    assert call["entrypoint"] == ENTRYPOINT and f"--token-file {TOKEN_FILE}" in ENTRYPOINT
+    assert client.token_file == (0o600, token)  # Ray packs it with its mode
+    workdir = Path(call["runtime_env"]["working_dir"])
+    assert sorted(p.name for p in workdir.iterdir()) == ["spec.json"]
+
+
+def test_the_driver_reads_its_token_file_and_deletes_it(tmp_path):
+    from services.driver import take_token
+
+    path = tmp_path / TOKEN_FILE
+    path.write_text("run-token\n")
+    assert take_token(str(path)) == "run-token"
+    assert not path.exists()
+
+
 class SlowView(StandInRay):
     """One Ray cluster seen by two replicas: ``during_read`` runs after this replica
     read Ray's jobs and before it acts on them (another replica's pass, interleaved)."""
@@ -503,8 +556,8 @@ class SlowView(StandInRay):
         self.during_read()
         return seen
 
-    def submit(self, sid: str, spec: dict, env: dict) -> None:
-        self.shared.submit(sid, spec, env)
+    def submit(self, sid: str, spec: dict, env: dict, token: str) -> None:
+        self.shared.submit(sid, spec, env, token)
 
     def stop(self, sid: str) -> None:
         self.shared.stop(sid)

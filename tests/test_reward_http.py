@@ -269,6 +269,16 @@ def test_client_gives_up_on_unreachable_service():
         assert not c.health()
 
 
+def test_client_errors_and_logs_hide_the_urls_secrets(caplog):
+    url = "http://user:s3cret@127.0.0.1:9/?key=k3y"
+    client = RewardClient(url, retries=1, backoff_s=0.01)
+    with client, pytest.raises(RewardClientError) as refused:
+        client.score([item("a", "x", "1")])
+    shown = str(refused.value) + caplog.text
+    assert "http://***@127.0.0.1:9/?***" in str(refused.value) and "retry 1" in caplog.text
+    assert "s3cret" not in shown and "k3y" not in shown
+
+
 def test_rewards_and_steps_maps_failures_to_nan(client):
     items = [
         item("a", "1+1=2\n\\boxed{2}", "2", verifiers=[{"name": "arithmetic_steps"}]),

@@ -41,6 +41,7 @@ def url(user_service, monkeypatch_module):
         "auth": _remote(f"{base}/auth/v1/score", token_env="FAKE_USER_TOKEN"),
         "noauth": _remote(f"{base}/auth/v1/score"),
         "orm": _remote(f"{base}/orm/get_reward", format="openrlhf"),
+        "steps": _remote(f"{base}/steps/v1/score"),
         "unreachable": _remote("http://127.0.0.1:9/v1/score", retries=1),
     }
     with running_service(remote_hosts=["127.0.0.1"], remote_verifiers=remotes) as base_url:
@@ -143,6 +144,41 @@ def test_healthz_answers_while_a_remote_call_hangs(client, url):
     assert not done.is_set()  # the scoring request is still waiting on the user service
     thread.join(10)
     assert done.is_set()
+
+
+BROKEN = [
+    ("nan", "step_rewards.1.reward: Input should be a finite number (got nan)"),
+    ("inf", "step_rewards.1.reward: Input should be a finite number (got inf)"),
+    ("null", "step_rewards.1.reward: Input should be a valid number (got None)"),
+    ("past", "step_rewards.1.end: 12 is past the end of the completion (11 characters)"),
+    ("unrewarded", "an 'ok' result needs a finite reward"),
+]
+
+
+def _assert_only_the_broken_items_fail(results) -> None:
+    assert results[0].status == "ok" and results[0].reward == 1.0, results[0]
+    assert [(s.end, s.reward) for s in results[0].step_rewards] == [(4, 0.5), (11, 0.5)]
+    for result, (word, problem) in zip(results[1:], BROKEN, strict=True):
+        assert result.status == "error" and result.reward is None, result
+        assert "breaks reward protocol v1" in result.error and problem in result.error, word
+
+
+def _broken_items(**extra: object) -> list[dict]:
+    good = item("good", "fine\nanswer", "answer", **extra)
+    return [good] + [item(word, f"{word}\nx 1234", "x", **extra) for word, _ in BROKEN]
+
+
+def test_a_broken_step_fails_its_item_and_keeps_the_rest(client):
+    """A remote service's NaN/Inf/null step reward or a step past the completion makes
+    that item an error saying which step and why; the batch's other items are scored."""
+    _assert_only_the_broken_items_fail(client.score(_broken_items(verifiers=[{"name": "steps"}])))
+
+
+def test_the_drivers_client_keeps_the_answer_of_a_service_with_broken_steps(user_service):
+    """``reward.url`` may name a user's v1 service: the driver's client fails only the
+    items whose result is broken, and raises nothing (the run goes on)."""
+    with RewardClient(f"{user_service.url}/steps", retries=0) as direct:
+        _assert_only_the_broken_items_fail(direct.score(_broken_items(), job_id="j", step=1))
 
 
 def test_host_outside_allowlist_is_a_configuration_error():

@@ -1,6 +1,7 @@
 """The training run's reward source with the real reward service: a refused probe fails the
 run at start, a service that stays away makes items unscorable (never zero, never a crash),
-and a driver-started service whose actor died is restarted once."""
+a driver-started service whose actor died is restarted once, and evaluation reports the
+eval items it could not score (``eval/unscorable_frac``) beside ``eval/accuracy``."""
 
 from __future__ import annotations
 
@@ -74,3 +75,39 @@ def test_a_dead_driver_started_service_is_restarted_once_with_a_fresh_token(ray_
         assert source.score([ITEM], job_id="j", step=3)[0].status == "error"
     finally:
         source.close()
+
+
+class EvalPool:
+    """Stands in for the engine pool: each eval question's greedy completion is given."""
+
+    def __init__(self, completions: dict[str, str]) -> None:
+        self.completions = completions
+
+    def generate(self, requests, sampling):
+        from rollout import RolloutRecord
+
+        return [
+            [
+                RolloutRecord(
+                    r.group_id, 0, [1], [2], [-0.1], self.completions[r.group_id], "stop", 0
+                )
+            ]
+            for r in requests
+        ]
+
+
+def test_eval_items_that_cannot_be_scored_are_counted_apart_from_wrong_ones():
+    from services.train.data import Question
+    from services.train.evaluation import evaluate
+    from services.train.parts import Parts
+
+    questions = [Question("Q: 1+1\nA:\n", reference, i) for i, reference in enumerate("22")]
+    questions.append(Question("Q: ?\nA:\n", "\\frac{", 2))  # a reference that does not parse
+    pool = EvalPool({"eval-0": "\\boxed{2}", "eval-1": "\\boxed{3}", "eval-2": "\\boxed{1}"})
+    with running_service() as url:
+        source = RewardSource(spec(url, token_env=None))
+        try:
+            metrics = evaluate(source.spec, Parts(pool, source), questions, step=0)
+        finally:
+            source.close()
+    assert metrics == {"eval/accuracy": 1 / 3, "eval/unscorable_frac": 1 / 3}

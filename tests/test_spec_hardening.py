@@ -1,6 +1,7 @@
 """Hostile and absurd job specs are refused when validated, naming the field: numbers
-past their bounds, non-finite numbers anywhere, text that is not Unicode, reward URLs
-that are not http(s), and verifier weights whose sum overflows (issue 17)."""
+past their bounds, non-finite numbers anywhere (in the services' settings too), text
+that is not Unicode, reward URLs that are not http(s), and verifier weights whose sum
+overflows (issue 17)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import typing
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from reward.settings import RemoteVerifierSettings, RewardSettings
+from services.api.settings import ApiSettings
 from services.spec import JobSpec, SpecError, validate_spec
 
 BASE = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "train": {"eval_every": 0}}
@@ -89,6 +92,23 @@ def test_non_finite_numbers_are_refused_everywhere(path, value):
     assert ".".join(path) in refused(raw_with(path, value))
 
 
+SETTINGS = [
+    (ApiSettings, {"token": "t" * 32}),
+    (RewardSettings, {}),
+    (RemoteVerifierSettings, {"url": "http://127.0.0.1:9"}),
+]
+
+
+@pytest.mark.parametrize(("model", "required"), SETTINGS, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("value", [math.inf, math.nan, "Infinity"])
+def test_non_finite_numbers_are_refused_in_every_settings_model(model, required, value):
+    names = [path[0] for path in float_fields(model)]
+    assert names
+    for name in names:
+        with pytest.raises(ValidationError, match=f"{name}\n.*finite number"):
+            model(**required, **{name: value})
+
+
 def test_non_finite_weights_and_resources_are_refused():
     weights = [{"name": "math", "weight": math.inf}]
     assert "reward.verifiers.0.weight" in refused(raw_with(("reward", "verifiers"), weights))
@@ -150,6 +170,29 @@ def test_lone_surrogates_in_lists_and_keys_are_refused():
     message.encode()
     # A well-formed pair (an emoji) is fine.
     assert validate_spec(raw_with(("data", "system_prompt"), "😀")).data.system_prompt == "😀"
+
+
+@pytest.mark.parametrize(
+    ("columns", "problem"),
+    [
+        (["c"] * 65, "at most 64 items"),
+        (["c" * 257], "at most 256 characters"),
+        ([""], "at least 1 character"),
+        (["solution", "prompts"], "['prompts'] collide"),
+        ("every", "Input should be 'all'"),
+    ],
+)
+def test_metadata_fields_are_bounded_naming_the_field(columns, problem):
+    message = refused(raw_with(("data", "metadata_fields"), columns))
+    assert "data.metadata_fields" in message and problem in message, message
+
+
+def test_metadata_fields_within_the_bounds_are_kept():
+    names = [f"c{i}" for i in range(64)]
+    assert validate_spec(raw_with(("data", "metadata_fields"), names)).data.metadata_fields == (
+        tuple(names)
+    )
+    assert validate_spec(raw_with(("data", "metadata_fields"), "all")).data.metadata_fields == "all"
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,11 @@ The service speaks either our protocol v1 (`POST /v1/score`) or OpenRLHF's remot
 reward-model format (`POST /get_reward`). Calls retry with exponential backoff on
 connection errors, timeouts, 408, 429 and 5xx, and never on other 4xx. Any failure
 (an unreachable service, a non-JSON answer, the wrong number of scores) makes the
-affected items `error` (or `timeout`); a failure is never a reward of 0. The host was
-checked against the allowlist when the settings were validated.
+affected items `error` (or `timeout`); a failure is never a reward of 0. A v1 result
+that breaks the protocol on its own (a NaN step reward, a step past the completion)
+fails its item only (`reward.protocol.checked_results`). The host was checked against
+the allowlist when the settings were validated; messages show the URL without its
+credentials or query (`reward.urls.redact_url`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import httpx
-from pydantic import ValidationError
 
 from reward.errors import ConfigurationError
-from reward.protocol import ScoreResponse
+from reward.protocol import checked_results
 from reward.settings import RemoteVerifierSettings
+from reward.urls import redact_url
 from reward.verifiers.base import VerifierInput, VerifierOutput, missing_reference
 
 logger = logging.getLogger(__name__)
@@ -52,7 +55,8 @@ class RemoteVerifier:
         self.config = config
         self.needs_reference = config.needs_reference
         self.step_rewards = config.format == "v1"
-        self.description = config.description or f"remote service at {config.endpoint}"
+        self.shown_url = redact_url(config.endpoint)
+        self.description = config.description or f"remote service at {self.shown_url}"
         headers = {}
         if config.token_env:
             token = os.environ.get(config.token_env)
@@ -133,7 +137,7 @@ class RemoteVerifier:
 
     def _post(self, payload: dict[str, Any]) -> httpx.Response:
         """POST with bounded retries; returns a 2xx response or raises `_CallFailed`."""
-        url = self.config.endpoint
+        url = self.shown_url
         attempts = self.config.retries + 1
         failure = _CallFailed("no attempt made")
         for attempt in range(attempts):
@@ -144,7 +148,7 @@ class RemoteVerifier:
                 )
                 time.sleep(delay)
             try:
-                response = self._http.post(url, json=payload)
+                response = self._http.post(self.config.endpoint, json=payload)
             except httpx.TimeoutException:
                 failure = _CallFailed(
                     f"no answer from {url} within {self.config.timeout_s:g} s "
@@ -177,17 +181,11 @@ class RemoteVerifier:
         self, response: httpx.Response, items: list[VerifierInput]
     ) -> list[VerifierOutput]:
         try:
-            body = ScoreResponse.model_validate(self._json(response))
-        except ValidationError as exc:
-            raise _CallFailed(f"answered JSON that is not a v1 score response: {exc}") from exc
-        if len(body.results) != len(items):
-            raise _CallFailed(f"returned {len(body.results)} result(s) for {len(items)} item(s)")
+            results = checked_results(self._json(response), items)
+        except ValueError as exc:
+            raise _CallFailed(f"answered JSON that is not a v1 score response: {exc}") from None
         outputs = []
-        for item, result in zip(items, body.results, strict=True):
-            if result.id != item.id:
-                raise _CallFailed(
-                    f"returned result id {result.id!r} where {item.id!r} was expected"
-                )
+        for result in results:
             steps = (
                 [(s.end, s.reward) for s in result.step_rewards] if result.step_rewards else None
             )

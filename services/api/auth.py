@@ -18,7 +18,7 @@ from services.api.store import Job
 
 admin_scheme = bearer_scheme("adminToken", "The API's admin token (GRPO_API_TOKEN).")
 job_scheme = bearer_scheme(
-    "jobToken", "The token of the job's current run (GRPO_JOB_TOKEN in the driver)."
+    "jobToken", "The token of the job's current run (the driver's --token-file)."
 )
 
 
@@ -41,7 +41,7 @@ def driver_job(
     credentials: Annotated[Credentials, Depends(job_scheme)],
 ) -> Job:
     """The job whose current run's token the request carries (driver routes)."""
-    token = presented_token(credentials, "the job's token (GRPO_JOB_TOKEN)")
+    token = presented_token(credentials, "the run's token (the driver's --token-file)")
     try:
         return service.authenticate_driver(job_id, token)
     except Unauthorized as error:  # the same answer for unknown jobs (JobService)

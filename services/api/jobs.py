@@ -28,8 +28,8 @@ from services.spec import JobSpec
 log = logging.getLogger(__name__)
 
 WRONG_JOB_TOKEN = (
-    "wrong token for this job: driver routes take the job's own token (GRPO_JOB_TOKEN), "
-    "which changes with every run"
+    "wrong token for this job: driver routes take the run's own token (the driver's "
+    "--token-file), which changes with every run"
 )
 NO_TOKEN = "0" * 64
 """Compared against when a job has no token, so that every refusal costs the same."""

@@ -7,12 +7,22 @@ Each run of a job is one Ray job, submitted through Ray's job submission API
 directory — so no user text is ever part of a command, and the API and the cluster
 need not share a filesystem. The driver finds the API through environment variables
 of the run's ``runtime_env`` (``services.train.reporting``).
+
+The run's token travels as ``TOKEN_FILE`` beside the spec, never in the entrypoint,
+the ``runtime_env`` or the metadata: those are what ``ray job list``, the dashboard
+and ``get_job_info`` show to anyone who can list jobs. The file is written with mode
+0600 (Ray keeps the mode when it unpacks the working dir on the node), deleted here
+as soon as Ray has the package, and deleted on the node by the driver once read
+(``services.driver``). A token derived from a secret shared by the API and the
+cluster would need one more secret deployed, and every Ray job could read that secret
+from the node's environment and forge any run's token; the file needs nothing new.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +33,8 @@ from pydantic import SecretStr
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "spec.json"
-ENTRYPOINT = f"python -m services.driver --spec {SPEC_FILE}"
+TOKEN_FILE = "job_token"
+ENTRYPOINT = f"python -m services.driver --spec {SPEC_FILE} --token-file {TOKEN_FILE}"
 RAY_TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 
@@ -93,18 +104,25 @@ class RayLauncher:
         except RuntimeError as error:
             raise RayRejected(str(error)) from None
 
-    def submit(self, sid: str, spec: dict[str, Any], env: dict[str, str]) -> None:
-        """Start a run: write its spec into a fresh working dir and hand it to Ray."""
+    def submit(self, sid: str, spec: dict[str, Any], env: dict[str, str], token: str) -> None:
+        """Start a run: write its spec and token into a fresh working dir and hand it to
+        Ray, which uploads the dir before ``submit_job`` returns; the token file is gone
+        from this host afterwards, whatever happened."""
         workdir = self.runs_dir / sid
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / SPEC_FILE).write_text(json.dumps(spec, indent=1))
-        self._call(
-            "submit_job",
-            entrypoint=ENTRYPOINT,
-            submission_id=sid,
-            runtime_env={"working_dir": str(workdir), "env_vars": env},
-            metadata={"grpo_submission": sid},
-        )
+        token_file = workdir / TOKEN_FILE
+        _write_private(token_file, token)
+        try:
+            self._call(
+                "submit_job",
+                entrypoint=ENTRYPOINT,
+                submission_id=sid,
+                runtime_env={"working_dir": str(workdir), "env_vars": env},
+                metadata={"grpo_submission": sid},
+            )
+        finally:
+            token_file.unlink(missing_ok=True)
         log.info("submitted Ray job %s", sid)
 
     def jobs(self) -> dict[str, RayJob]:
@@ -136,6 +154,14 @@ class RayLauncher:
             if "404" in str(error) or "does not exist" in str(error):
                 return None
             raise
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a new file that only this user can read (mode 0600 from the start)."""
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
 
 
 def _ray_job(info: Any) -> RayJob:

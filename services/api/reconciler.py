@@ -53,7 +53,8 @@ from services.api.store import Job, JobNotFound, JobStore, StaleRun
 
 log = logging.getLogger(__name__)
 
-JOB_ENV = ("GRPO_JOB_API_URL", "GRPO_JOB_ID", "GRPO_JOB_RUN", "GRPO_JOB_TOKEN")
+JOB_ENV = ("GRPO_JOB_API_URL", "GRPO_JOB_ID", "GRPO_JOB_RUN")
+"""What a driver learns from its environment; its token comes in a file (``launcher``)."""
 SCHEDULER_LEASE = "scheduler"
 ORPHANED = frozenset({JobState.FAILED})
 """Store states of a current run whose live Ray job is stopped (CANCELLED and
@@ -220,11 +221,11 @@ class Reconciler:
         except (IllegalTransition, StaleRun):
             return  # cancelled or resumed since it was read
         env = dict(
-            zip(JOB_ENV, (self.driver_url, job.id, str(job.run), token), strict=True),
+            zip(JOB_ENV, (self.driver_url, job.id, str(job.run)), strict=True),
             PYTHONUNBUFFERED="1",
         )
         try:
-            self.launcher.submit(sid, specs.for_run(job.spec, job.run), env)
+            self.launcher.submit(sid, specs.for_run(job.spec, job.run), env, token)
         except (RayUnavailable, RayRejected, OSError) as error:
             self._apply(job, Event.FAIL, f"could not submit the run to Ray: {error}")
             self._stop_ray_job(sid)  # Ray may have accepted it before the error

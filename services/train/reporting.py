@@ -3,12 +3,15 @@
 The driver calls a ``Reporter`` at each state change, metrics record and
 checkpoint, and asks it whether a cancellation was requested. ``NullReporter``
 serves ``grpo train``; ``HttpReporter`` serves jobs submitted through the job
-API, which passes its URL, the job id, the run number and a per-run token in the
-environment (so nothing assumes a shared filesystem between the API and the driver):
+API, which passes its URL, the job id and the run number in the environment (so
+nothing assumes a shared filesystem between the API and the driver):
 
 - ``GRPO_JOB_API_URL`` — the API's base URL, as the driver reaches it;
 - ``GRPO_JOB_ID``, ``GRPO_JOB_RUN`` — which job and run this driver is;
-- ``GRPO_JOB_TOKEN`` — the run's bearer token for the ``/report`` routes.
+
+and the run's bearer token for the ``/report`` routes in a file that the driver reads
+and deletes (``services.driver --token-file``): the environment of a Ray job is shown
+to anyone who can list jobs.
 
 A report that cannot be delivered is retried with capped backoff, then logged and
 dropped: training never stops because the API is away (the API reconciles with Ray's
@@ -27,12 +30,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 10.0
-ENV_URL, ENV_JOB, ENV_RUN, ENV_TOKEN = (
-    "GRPO_JOB_API_URL",
-    "GRPO_JOB_ID",
-    "GRPO_JOB_RUN",
-    "GRPO_JOB_TOKEN",
-)
+ENV_URL, ENV_JOB, ENV_RUN = ("GRPO_JOB_API_URL", "GRPO_JOB_ID", "GRPO_JOB_RUN")
 
 
 class Reporter:
@@ -138,9 +136,10 @@ def _number(value: Any) -> int | float | None:
     return number if math.isfinite(number) else None
 
 
-def reporter_from_env() -> Reporter:
-    """The reporter the environment asks for (the job API sets it); else a null one."""
-    url, job_id, token = (os.environ.get(name) for name in (ENV_URL, ENV_JOB, ENV_TOKEN))
+def reporter_from_env(token: str | None) -> Reporter:
+    """The reporter the environment asks for (the job API sets it) with the run's
+    ``token``; else a null one."""
+    url, job_id = (os.environ.get(name) for name in (ENV_URL, ENV_JOB))
     if url and job_id and token:
         log.info(
             "reporting to the job API at %s as %s (run %s)",
