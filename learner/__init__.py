@@ -1,8 +1,8 @@
 """The learner: GRPO math (``learner.grpo``) and the policy-update class ``Learner``.
 
 Public names are imported lazily (PEP 562): the job spec imports ``learner.config``
-for the ``algorithm`` section, and that must not load torch (the job API and the
-CLI's validation stay light). This package never imports ``rollout``, ``reward`` or
+for the ``algorithm`` and ``model.lora`` sections, and that must not load torch (the
+job API and the CLI's validation stay light). This package never imports ``rollout``, ``reward`` or
 ``services``.
 """
 
@@ -15,6 +15,7 @@ _EXPORTS = {
     "AlgorithmConfig": "learner.config",
     "DistContext": "learner.distributed",
     "LearnerConfig": "learner.config",
+    "LoraConfig": "learner.config",
     "Learner": "learner.learner",
     "TrainSample": "learner.batching",
 }
@@ -33,5 +34,6 @@ if TYPE_CHECKING:
     from learner.batching import TrainSample as TrainSample
     from learner.config import AlgorithmConfig as AlgorithmConfig
     from learner.config import LearnerConfig as LearnerConfig
+    from learner.config import LoraConfig as LoraConfig
     from learner.distributed import DistContext as DistContext
     from learner.learner import Learner as Learner

@@ -7,11 +7,13 @@ has returned). In it:
   ``torch.distributed.checkpoint`` — every rank writes its own shard, in
   parallel. Tensors are keyed by parameter name, so a checkpoint written by
   N ranks loads into M ranks (DCP reshards on load), one rank included.
+  Frozen parameters are left out: with LoRA that is the whole base model, so
+  ``state/`` holds the adapter and its optimizer state only.
 - ``learner_state.pt``: the schedule, the step count and the RNG state,
   written by rank 0 and read by every rank.
 
-The reference model is not saved: it is the initial policy, loaded again
-from the model directory.
+The reference model and a LoRA policy's base are not saved: they are the
+initial weights, loaded again from the model directory.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -77,7 +80,8 @@ def load(
     state = _live_state(model, optimizer)
     with _single_process(not sharded):
         dcp.load(state, checkpoint_id=source / STATE_DIR, no_dist=not sharded)
-    set_model_state_dict(model, state["model"])
+    options = StateDictOptions(strict=not _has_frozen(model))
+    set_model_state_dict(model, state["model"], options=options)
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     extra = torch.load(source / EXTRA_FILE, map_location="cpu", weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
@@ -88,10 +92,18 @@ def load(
 
 
 def _live_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    return {
-        "model": get_model_state_dict(model),
-        "optimizer": get_optimizer_state_dict(model, optimizer),
-    }
+    """The state to save or load into; without the frozen tensors, if there are any."""
+    model_state = get_model_state_dict(model)
+    if _has_frozen(model):
+        # Names of trainable parameters only: a frozen tensor's tied alias (lm_head) goes too.
+        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        model_state = {name: t for name, t in model_state.items() if name in trainable}
+    return {"model": model_state, "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def _has_frozen(model: torch.nn.Module) -> bool:
+    """Whether some parameters are frozen (a LoRA policy's base; full fine-tuning has none)."""
+    return any(not param.requires_grad for param in model.parameters())
 
 
 @contextlib.contextmanager

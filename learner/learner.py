@@ -16,10 +16,17 @@ the single-process one. With N = 1 none of that runs and the arithmetic is
 the single-process code's, bit for bit. Methods marked *collective* must be
 called on every rank together, in the same order.
 
+With LoRA (``config.lora``) the policy is the base model wrapped by PEFT:
+only the adapter trains and has optimizer state, the reference is the policy
+with its adapter off, and weights, checkpoints and exports are the adapter's
+(``learner.lora``).
+
 With one update per step the old policy is the current one, so its
 log-probabilities come from the training forward pass itself (ρ = 1) and no
-extra forward pass is spent; with several updates they are computed once,
-before the first.
+extra forward pass is spent; with several updates, or LoRA dropout (the old
+policy is the one the engines sample from, without dropout), they are computed
+once, before the first. Log-probabilities outside the training forward pass are
+taken in evaluation mode (dropout off).
 """
 
 from __future__ import annotations
@@ -33,13 +40,13 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from learner import checkpoint, distributed, objective, weights
+from learner import checkpoint, distributed, lora, objective, weights
 from learner.batching import MicroBatch, TrainSample, collate, minibatches, placeholder
 from learner.batching import plan_micro_batches as plan
 from learner.config import LearnerConfig
 from learner.distributed import DistContext
 from learner.metrics import MetricTotals
-from learner.models import load_models, pad_id, token_logprobs
+from learner.models import as_reference, evaluation_mode, load_models, pad_id, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +91,14 @@ class Learner:
         use_autocast = self.device.type == "cuda" and compute_dtype != torch.float32
         self._autocast_dtype = compute_dtype if use_autocast else None
         distributed.join_group(self.context, self.device)
+        self.model_path = model_path
         self.policy, self.reference = load_models(
             model_path, config, self.device, sharded=self._sharded
         )
         self.pad_id = pad_id(self.policy)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            trainable, lr=config.lr, weight_decay=config.weight_decay
         )
         # A plain function, not a bound method: LambdaLR's state_dict stores the
         # __dict__ of non-function schedules, and Ray decorates actor methods.
@@ -112,7 +121,8 @@ class Learner:
         chunks = minibatches(len(samples), self.config.updates_per_step)
         shards = [self._shards(samples, chunk) for chunk in chunks]
         old_logprobs = None
-        if self.config.updates_per_step > 1:
+        adapter_dropout = self.config.lora is not None and self.config.lora.dropout > 0
+        if self.config.updates_per_step > 1 or adapter_dropout:
             own = [[i for shard in per_rank for i in shard] for per_rank in zip(*shards)]
             old_logprobs = self._policy_logprobs(samples, own)
         updates = [self._update(samples, c, s, old_logprobs) for c, s in zip(chunks, shards)]
@@ -162,15 +172,18 @@ class Learner:
     def _micro_loss(
         self, batch: MicroBatch, old_logprobs: torch.Tensor | None, normalizer: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        ref = self._reference_logprobs(batch) if self.config.algorithm.beta > 0 else None
         logprobs = self._logprobs(self.policy, batch)
         old = logprobs.detach() if old_logprobs is None else old_logprobs
-        ref = None
-        if self.reference is not None:
-            start = time.perf_counter()
-            with torch.no_grad():
-                ref = self._logprobs(self.reference, batch)
-            self._logprob_seconds += time.perf_counter() - start
         return objective.micro_batch_loss(self.config, batch, logprobs, old, ref, normalizer)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch: MicroBatch) -> torch.Tensor:
+        start = time.perf_counter()
+        with as_reference(self.policy, self.reference) as reference:
+            ref = self._logprobs(reference, batch)
+        self._logprob_seconds += time.perf_counter() - start
+        return ref
 
     def _clip_and_step(self) -> float:
         """Clip by the global gradient norm (over every rank's shard) and step."""
@@ -197,16 +210,18 @@ class Learner:
     def _policy_logprobs(
         self, samples: Sequence[TrainSample], shards: list[list[int]]
     ) -> list[torch.Tensor]:
-        """The current policy's log-probs of this rank's share, ``shards[rank]``.
+        """The current policy's log-probs of this rank's share, ``shards[rank]``, dropout off.
 
         Rows of other ranks' samples are left empty.
         """
         start = time.perf_counter()
         rows: list[torch.Tensor] = [torch.empty(0)] * len(samples)
-        for indices in plan(samples, shards, self.rank, self.config.micro_batch_tokens):
-            logprobs = self._logprobs(self.policy, self._collate(samples, indices))
-            for row, index in enumerate(indices or ()):
-                rows[index] = logprobs[row, : len(samples[index].token_ids)]
+        plans = plan(samples, shards, self.rank, self.config.micro_batch_tokens)
+        with evaluation_mode(self.policy):
+            for indices in plans:
+                logprobs = self._logprobs(self.policy, self._collate(samples, indices))
+                for row, index in enumerate(indices or ()):
+                    rows[index] = logprobs[row, : len(samples[index].token_ids)]
         self._logprob_seconds += time.perf_counter() - start
         return rows
 
@@ -227,25 +242,39 @@ class Learner:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` pairs in Hugging Face naming; tied tensors appear once.
 
+        With LoRA only the adapter's, named as in PEFT's ``adapter_model.safetensors``.
         Collective with N ranks: every rank exhausts the iterator, one gathered
         parameter at a time; only rank 0 gets pairs.
         """
+        if self.config.lora is not None:
+            return lora.adapter_weights(self.policy, keep=self.rank == 0)
         return weights.full_weights(self.policy, keep=self.rank == 0)
 
     def export_safetensors(self, dtype: str | None = None) -> bytes | None:
-        """The policy's weights as safetensors bytes on rank 0, ``None`` elsewhere (collective)."""
+        """``named_weights`` as safetensors bytes on rank 0, ``None`` elsewhere (collective)."""
         payload = weights.to_safetensors(self.named_weights(), dtype)
         return payload if self.rank == 0 else None
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds: ``parameters``, ``gradients``, ``optimizer``, ``reference``."""
+        """Bytes this rank holds: ``parameters``, ``gradients``, ``optimizer``, ``reference``.
+
+        With LoRA ``parameters`` include the frozen base and ``reference`` is 0 (no copy).
+        """
         return distributed.state_bytes(self.policy, self.optimizer, self.reference)
 
     def save_pretrained(self, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> None:
-        """Write the policy as a Hugging Face model directory, from rank 0 (collective)."""
-        weights.save_pretrained(
-            self.policy, out_dir, tokenizer_dir, rank=self.rank, sharded=self._sharded
-        )
+        """Write the policy as a Hugging Face model directory, from rank 0 (collective).
+
+        With LoRA: the adapter merged into the base, and ``adapter/`` in PEFT's format.
+        """
+        if self.config.lora is None:
+            weights.save_pretrained(
+                self.policy, out_dir, tokenizer_dir, rank=self.rank, sharded=self._sharded
+            )
+            return
+        adapter = dict(self.named_weights())
+        if self.rank == 0:
+            lora.save_merged(adapter, self.model_path, self.config.lora, out_dir, tokenizer_dir)
 
     def save_checkpoint(self, out_dir: str | Path) -> None:
         """Model, optimizer, schedule and RNG states into ``out_dir`` (made by the caller).

@@ -4,7 +4,8 @@
 the cluster at ``cluster.ray_address``) with a live progress display (one line per
 step when stdout is not a terminal, :mod:`services.progress`); Ray's and vLLM's
 output goes to ``<output.dir>/logs/train.log`` unless ``--verbose``; ``grpo eval`` runs the
-evaluation alone; ``grpo reward serve`` runs the reward service;
+evaluation alone (of a spec's model, a model directory or a LoRA adapter directory);
+``grpo reward serve`` runs the reward service;
 ``grpo arithmetic prepare`` writes the arithmetic task's data and base model.
 Errors in the spec are printed as one line per field and exit with status 2.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -106,7 +108,13 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    target: Annotated[Path, typer.Argument(help="A job spec, or a model directory.")],
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A job spec, a model directory, or a LoRA adapter directory in PEFT's "
+            "format (such as final/adapter; merged into its base model first)."
+        ),
+    ],
     config: Annotated[
         Path | None, typer.Option(help="Job spec supplying data and reward when TARGET is a model.")
     ] = None,
@@ -118,15 +126,37 @@ def evaluate(
 
     _logging(verbose)
     overrides = list(set_ or [])
-    if target.is_dir():
-        if config is None:
-            console.print("[red]TARGET is a model directory: give --config SPEC for data[/red]")
-            raise typer.Exit(2)
-        spec = _load(config, [*overrides, f"model.path={target}"])
-    else:
+    if not target.is_dir():
         spec = _load(target, overrides)
-    result = TrainingRun(spec).evaluate_only()
-    typer.echo(json.dumps({"model": spec.model.path, **result}))
+        result = TrainingRun(spec).evaluate_only()
+        typer.echo(json.dumps({"model": spec.model.path, **result}))
+        return
+    if config is None:
+        console.print("[red]TARGET is a model directory: give --config SPEC for data[/red]")
+        raise typer.Exit(2)
+    with _as_model_dir(target) as model_dir:
+        # TARGET is the whole model: the spec's model.lora must not add another adapter.
+        spec = _load(config, [*overrides, f"model.path={model_dir}", "model.lora=null"])
+        result = TrainingRun(spec).evaluate_only()
+    typer.echo(json.dumps({"model": str(target), **result}))
+
+
+@contextmanager
+def _as_model_dir(target: Path) -> Iterator[Path]:
+    """``target``, or if it is a PEFT adapter directory its base model with the adapter
+    merged, in a temporary directory on this machine."""
+    if not (target / "adapter_config.json").is_file():
+        yield target
+        return
+    from learner.lora import merge_adapter_dir
+
+    with tempfile.TemporaryDirectory(prefix="grpo-eval-") as merged:
+        try:
+            merge_adapter_dir(target, merged)
+        except ValueError as error:
+            console.print(f"[red]{error}[/red]")
+            raise typer.Exit(2) from None
+        yield Path(merged)
 
 
 @reward_app.command("serve")
@@ -149,12 +179,13 @@ def arithmetic_prepare(
     ),
 ) -> None:
     """Write train/eval jsonl and the warmed-up base model (cached; ~1 minute the first time)."""
-    from services.embedded.arithmetic import prepare_assets
+    from services.embedded.arithmetic import prepare_assets, weights_sha256
 
     _logging(True)
     paths = prepare_assets(out)
     for name, path in paths.items():
         console.print(f"{name}: {path}")
+    console.print(f"base model SHA-256: {weights_sha256(paths['model'])}")
 
 
 @app.command()

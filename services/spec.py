@@ -22,14 +22,16 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from learner.config import AlgorithmConfig, LearnerConfig
-from reward.protocol import ValidUnicode, VerifierRef, check_weights
+from learner.config import AlgorithmConfig, LearnerConfig, LoraConfig
+from reward.protocol import CALL_KEYWORDS, ValidUnicode, VerifierRef, check_weights
 from rollout.config import RolloutConfig
 from services import reward_urls
 
@@ -58,6 +60,24 @@ class ModelSpec(BaseModel):
     """auto: bfloat16 on GPUs, float32 on CPU."""
     trust_remote_code: Literal[False] = False
     """Custom model code is never executed; only built-in architectures load."""
+    lora: LoraConfig | None = None
+    """Train a LoRA adapter on the frozen base model ({rank, alpha, dropout,
+    target_modules}); the engines serve it, and only the adapter moves to them.
+    null: full fine-tuning."""
+
+
+MAX_METADATA_FIELDS = 64
+"""Most dataset columns a job sends with every completion (each one travels with every
+item of every request, and is a keyword of every TRL-style call)."""
+ColumnNames = Annotated[
+    tuple[Annotated[str, Field(min_length=1, max_length=256)], ...],
+    Field(max_length=MAX_METADATA_FIELDS),
+]
+MetadataFields = Annotated[
+    Annotated[Literal["all"], Tag("all")] | Annotated[ColumnNames, Tag("columns")],
+    Discriminator(lambda value: "all" if isinstance(value, str) else "columns"),
+]
+"""``"all"`` or a list of column names; the tag makes an error name one branch only."""
 
 
 class DataSpec(BaseModel):
@@ -73,9 +93,21 @@ class DataSpec(BaseModel):
     """Wrap each question as a user message and apply the tokenizer's chat template."""
     system_prompt: str | None = Field(None, max_length=100_000)
     """System message put before the question when chat_template is on."""
-    metadata_fields: tuple[str, ...] | Literal["all"] = ()
+    metadata_fields: MetadataFields = ()
     """Dataset columns sent with every completion as the reward item's metadata (custom
-    verifiers get each one as a keyword, TRL-style); "all": every column but the prompt."""
+    verifiers get each one as a keyword, TRL-style); "all": every column but the prompt.
+    At most 64 names of 1–256 characters, none a keyword the reward service passes."""
+
+    @field_validator("metadata_fields")
+    @classmethod
+    def _no_call_keywords(cls, value: tuple[str, ...] | str) -> tuple[str, ...] | str:
+        clash = sorted(CALL_KEYWORDS.intersection(value)) if value != "all" else []
+        if clash:
+            raise ValueError(
+                f"columns {clash} collide with the keywords the reward service passes to "
+                "reward functions; rename them in the dataset or leave them out"
+            )
+        return value
 
 
 class RewardSpec(BaseModel):
@@ -307,6 +339,7 @@ class JobSpec(ValidUnicode):
             max_len=self.rollout.max_tokens,
             temperature=self.rollout.temperature,
             gradient_checkpointing=self.train.gradient_checkpointing,
+            lora=self.model.lora,
         )
 
 

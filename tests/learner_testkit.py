@@ -85,9 +85,11 @@ def run_ranks(
 
 
 def full_grads(learner: Learner) -> dict[str, torch.Tensor]:
-    """Every parameter's full gradient (collective with N ranks)."""
+    """Every trained parameter's full gradient (collective with N ranks)."""
     out = {}
     for name, param in learner.policy.named_parameters():
+        if not param.requires_grad:
+            continue  # a LoRA policy's frozen base
         grad = param.grad
         out[name] = grad.full_tensor() if isinstance(grad, DTensor) else grad.clone()
     return out

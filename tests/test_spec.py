@@ -69,6 +69,13 @@ def test_a_valid_spec_gets_the_documented_defaults(assets):
         ({"algorithm": {"kl": "k4"}}, "algorithm.kl"),
         ({"surprise": 1}, "surprise"),
         ({"model": {"path": "x", "trust_remote_code": True}}, "model.trust_remote_code"),
+        ({"model": {"lora": {"alpha": 8}}}, "model.lora.rank"),
+        ({"model": {"lora": {"rank": 513}}}, "model.lora.rank"),
+        ({"model": {"lora": {"rank": 8, "alpha": 0}}}, "model.lora.alpha"),
+        ({"model": {"lora": {"rank": 8, "dropout": 1.0}}}, "model.lora.dropout"),
+        ({"model": {"lora": {"rank": 8, "target_modules": []}}}, "model.lora.target_modules"),
+        ({"model": {"lora": {"rank": 8, "target_modules": "q_proj"}}}, "model.lora.target_modules"),
+        ({"model": {"lora": {"rank": 8, "scale": 2}}}, "model.lora.scale"),
     ],
 )
 def test_bad_specs_name_the_field(assets, change, field):
@@ -92,6 +99,30 @@ def test_overrides_are_yaml_values_on_dotted_paths(assets):
     assert spec.rollout.stop == ("\n\n",)
     with pytest.raises(SpecError, match="key.path=value"):
         apply_overrides({}, ["train.lr"])
+
+
+def test_lora_defaults_and_reaches_the_learner(assets):
+    assert validate_spec(base_spec(assets)).learner_config().lora is None
+    raw = apply_overrides(base_spec(assets), ["model.lora={rank: 8}"])
+    spec = validate_spec(raw)
+    assert spec.model.lora.model_dump() == {
+        "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear"
+    }  # fmt: skip
+    assert spec.learner_config().lora == spec.model.lora
+
+
+def test_cli_dry_run_takes_lora_as_a_yaml_flow_mapping(assets, tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(base_spec(assets)))
+    lora = "model.lora={rank: 8, alpha: 16, target_modules: all-linear}"
+    ok = CliRunner().invoke(app, ["train", str(config), "--dry-run", "--set", lora])
+    assert ok.exit_code == 0, ok.output
+    assert load_spec(config, [lora]).model.lora.model_dump() == {
+        "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear"
+    }  # fmt: skip
+    bad = CliRunner().invoke(app, ["train", str(config), "--dry-run", "--set", "model.lora={}"])
+    assert bad.exit_code == 2
+    assert "model.lora.rank" in bad.output
 
 
 def test_preflight_reports_a_missing_dataset_file(assets):

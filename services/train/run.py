@@ -26,7 +26,7 @@ from services.train.batch import StepBatch, prompt_text
 from services.train.data import DataCursor, Question, load_questions
 from services.train.evaluation import evaluate
 from services.train.loop import train
-from services.train.parts import Parts, quietly, start_parts
+from services.train.parts import Parts, engine_lora, quietly, start_parts
 from services.train.reporting import NullReporter, Reporter
 from services.train.run_dir import RunDirectory
 from services.train.trackers import Tracker, open_trackers
@@ -61,6 +61,10 @@ def preflight(spec: JobSpec) -> None:
     load_spec_questions(spec, spec.data.train, limit=1)
     if spec.reward.url is None:
         _check_local_verifiers(spec)
+    try:
+        engine_lora(spec)  # model.lora.target_modules names modules the model has
+    except ValueError as error:
+        raise PreflightError(str(error)) from None
 
 
 def _check_local_verifiers(spec: JobSpec) -> None:
@@ -232,13 +236,14 @@ class TrainingRun:
             self.record(self.evaluate())
 
     def record(self, metrics: dict[str, Any], batch: StepBatch | None = None) -> None:
-        """Record ``self.step``: evaluate when due, write metrics and samples, report them,
-        and checkpoint when due."""
+        """Record ``self.step``: evaluate when due, write metrics, samples and the groups'
+        outcomes, report them, and checkpoint when due."""
         if batch is not None:
             if self._eval_due():
                 metrics.update(self.evaluate())
             count = self.spec.output.samples_per_step
             self.run_dir.append_samples(batch.sample_rows(self.step, count))
+            self.run_dir.append_groups(batch.group_rows(self.step))
         record = {"step": self.step, **{k: _json_number(v) for k, v in metrics.items()}}
         self.run_dir.append_metrics(record)
         for tracker in self.trackers:
