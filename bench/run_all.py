@@ -7,8 +7,11 @@ and lets ``weight_sync`` use the step time that ``step_breakdown`` measured. Abo
 minutes on 2 quiet cores, plus at most ``--wait-budget`` (10 minutes) of waiting for a
 quiet machine in all, plus about 4 minutes once to install TRL into ``bench/.venv-trl``.
 
-``bench/rollout.py`` (generation throughput against bare vLLM; 10+ minutes) and
-``bench/vllm_spin.py`` (an experiment, 5 minutes) run only when named in ``--with``.
+``bench/rollout.py`` (generation throughput against bare vLLM; 10+ minutes),
+``bench/vllm_spin.py`` (an experiment, 5 minutes), ``bench/engine_runtime.py`` (4
+minutes), ``bench/gpu_learner.py`` (needs a
+CUDA GPU) and ``bench/faults.py`` (the fault suite, under 15 minutes) run only when
+named in ``--with`` or ``--only``.
 ``bench/reward.py`` and ``bench/rollout.py`` write no summary row themselves: theirs
 are made here from their latest result files.
 
@@ -41,8 +44,11 @@ BENCHMARKS: dict[str, list[str]] = {
     "reward": ["bench/reward.py"],
     "rollout": ["bench/rollout.py"],
     "vllm_spin": ["bench/vllm_spin.py"],
+    "engine_runtime": ["bench/engine_runtime.py"],
+    "gpu_learner": ["bench/gpu_learner.py"],
+    "faults": ["bench/faults.py"],
 }
-OPTIONAL = {"rollout", "vllm_spin"}
+OPTIONAL = {"rollout", "vllm_spin", "engine_runtime", "gpu_learner", "faults"}
 """Run only when named in ``--with`` or ``--only``."""
 
 

@@ -186,7 +186,7 @@ def test_sync_mode_submits_each_step_when_asked_and_async_one_step_ahead():
         assert len(async_pool.submitted) == min(step + 1, 3)  # never past the last step
     # the same groups, ids and dataset order in both modes
     assert sync_pool.submitted == async_pool.submitted
-    assert sync_pool.submitted[0] == ["s1-a0-q0", "s1-a0-q1"]
+    assert [i.rsplit("-d", 1)[0] for i in sync_pool.submitted[0]] == ["s1-a0-q0", "s1-a0-q1"]
     assert sync_cursor.state() == async_cursor.state()
 
 
@@ -223,3 +223,21 @@ def test_metadata_columns_that_collide_with_call_keywords_are_refused(tmp_path):
     for wanted in (["completions"], "all"):
         with pytest.raises(DataError, match=r"\['completions'\] of data.metadata_fields would"):
             load_questions(path, prompt_field="q", answer_field="a", metadata_fields=wanted)
+
+
+@pytest.mark.ray
+def test_a_learner_the_cluster_cannot_place_fails_within_its_start_timeout(ray_session):
+    """An impossible GPU request fails the run, naming the field, instead of leaving it
+    RUNNING forever (issue 17)."""
+    import time
+
+    from services.spec import validate_spec
+    from services.train.parts import launch_learner
+
+    learner = {"num_gpus": 1024, "start_timeout_s": 1}
+    spec = validate_spec({"model": {"path": "m"}, "data": {"train": "t"},
+                          "train": {"eval_every": 0}, "cluster": {"learner": learner}})  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"could not place .*start_timeout_s=1 "):
+        launch_learner(spec, spec.learner_config())
+    assert time.monotonic() - started < 30

@@ -6,9 +6,12 @@ reward service's results, and keeps one shape all the way to the learner:
 reward client's rule, :func:`reward.rewards_and_steps`), the advantages come
 from ``learner.grpo`` in one call per batch (outcome) or per group (process),
 and only :meth:`StepBatch.train_samples`, at the learner's edge, flattens it
-into ``TrainSample`` rows. Process supervision maps the reward service's
-character offsets to token indices by detokenizing prefixes of the generated
-tokens, so the alignment holds whatever the tokenizer merges.
+into ``TrainSample`` rows. The batch also names the groups sampled for the step
+but left out of it (stale, or dropped by dynamic sampling), so that
+:meth:`StepBatch.group_rows` accounts for every group of the step in
+``groups.jsonl``. Process supervision maps the reward service's character offsets
+to token indices by detokenizing prefixes of the generated tokens, so the
+alignment holds whatever the tokenizer merges.
 """
 
 from __future__ import annotations
@@ -29,6 +32,16 @@ from services.train.data import Question
 
 Advantage = float | list[float] | None
 """Of one completion: one value, one per token (process supervision), or None (left out)."""
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A group sampled for a step but not in its batch: ``stale_dropped`` or
+    ``dynamic_dropped``."""
+
+    group_id: str
+    weights_version: int
+    outcome: str
 
 
 def prompt_text(question: Question) -> str:
@@ -70,6 +83,7 @@ class StepBatch:
     results: list[list[Result]]
     rewards: torch.Tensor
     advantages: list[list[Advantage]] | None = None
+    left_out: tuple[LeftOut, ...] = ()
 
     @staticmethod
     def scored(
@@ -98,17 +112,27 @@ class StepBatch:
             [g for p in parts for g in p.groups],
             [r for p in parts for r in p.results],
             torch.cat([p.rewards for p in parts]),
+            left_out=tuple(g for p in parts for g in p.left_out),
         )
+
+    def leaving_out(self, groups: Sequence[Sequence[RolloutRecord]], outcome: str) -> StepBatch:
+        """This batch, naming ``groups`` as sampled for the step but left out (``outcome``)."""
+        named = tuple(LeftOut(g[0].group_id, g[0].weights_version, outcome) for g in groups if g)
+        return replace(self, left_out=self.left_out + named)
 
     def informative(self) -> StepBatch:
         """The groups that carry a learning signal (dynamic sampling keeps only these)."""
-        keep = [i for i, flat in enumerate(zero_variance_groups(self.rewards).tolist()) if not flat]
-        return StepBatch(
+        flat = zero_variance_groups(self.rewards).tolist()
+        keep = [i for i, no_signal in enumerate(flat) if not no_signal]
+        kept = StepBatch(
             [self.questions[i] for i in keep],
             [self.groups[i] for i in keep],
             [self.results[i] for i in keep],
             self.rewards[keep],
+            left_out=self.left_out,
         )
+        dropped = [group for group, no_signal in zip(self.groups, flat) if no_signal]
+        return kept.leaving_out(dropped, "dynamic_dropped")
 
     def with_advantages(self, supervision: str, *, scale: str, tokenizer: Any) -> StepBatch:
         """This batch with the GRPO advantages of every scorable completion."""
@@ -133,6 +157,21 @@ class StepBatch:
             for group, row in zip(self.groups, self.advantages)
             for record, advantage in zip(group, row)
             if advantage is not None
+        ]
+
+    def group_rows(self, step: int) -> list[dict[str, Any]]:
+        """``groups.jsonl`` rows of the step: each group in the batch (``trained``,
+        ``zero_variance`` or ``unscorable``, from its advantages), then those left out."""
+        if self.advantages is None:
+            raise RuntimeError("StepBatch.group_rows needs with_advantages() first")
+        fates = [
+            (group[0].group_id, group[0].weights_version, _outcome(row))
+            for group, row in zip(self.groups, self.advantages)
+        ]
+        fates += [(g.group_id, g.weights_version, g.outcome) for g in self.left_out]
+        return [
+            {"step": step, "group_id": group_id, "weights_version": version, "outcome": outcome}
+            for group_id, version, outcome in fates
         ]
 
     def metrics(self) -> dict[str, float]:
@@ -178,6 +217,16 @@ class StepBatch:
         for k, i in enumerate(valid):
             row[i] = advantages[k, : len(group[i].token_ids)].tolist()
         return row
+
+
+def _outcome(advantages: Sequence[Advantage]) -> str:
+    """``unscorable`` (nothing to train on), ``zero_variance`` (every advantage 0: only the
+    KL term moves the policy) or ``trained``."""
+    scorable = [a for a in advantages if a is not None]
+    if not scorable:
+        return "unscorable"
+    values = [v for a in scorable for v in (a if isinstance(a, list) else [a])]
+    return "trained" if any(values) else "zero_variance"
 
 
 def _step_tensors(

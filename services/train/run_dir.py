@@ -2,15 +2,16 @@
 
 Owns the layout of DESIGN.md — ``config.json``, ``metrics.jsonl``,
 ``samples.jsonl``, ``curves.png``, ``checkpoints/step_N/`` and ``final/``, plus
-``placement.json`` (which node runs which part) —
+``placement.json`` (which node runs which part) and ``groups.jsonl`` (every group
+of every step and its outcome, from which lost and duplicated groups are counted) —
 and the rules that keep it trustworthy: checkpoints appear atomically (written
 to a temporary sibling, flushed to disk, then renamed; one that replaces a
 checkpoint of the same step moves the old one aside first, so that at every
 instant one complete ``step_N`` exists or can be restored), only the newest
 ``keep_last`` are kept, a torn last line of a ``.jsonl`` file (a crash while
 writing it) is dropped with a warning, and on resume the metric and sample
-lines written after the checkpoint are cut so that the files read as one
-uninterrupted run.
+and group lines written after the checkpoint are cut so that the files read as
+one uninterrupted run. Lines are appended with one write and one fsync per call.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class RunDirectory:
         self.checkpoints = self.path / "checkpoints"
         self.metrics_file = self.path / "metrics.jsonl"
         self.samples_file = self.path / "samples.jsonl"
+        self.groups_file = self.path / "groups.jsonl"
 
     def prepare(self, spec: dict[str, Any]) -> None:
         """Create the directory and write ``config.json`` (spec, version, git commit)."""
@@ -58,11 +60,16 @@ class RunDirectory:
     # ---------------------------------------------------------------- metrics
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        _append_line(self.metrics_file, record)
+        _append_lines(self.metrics_file, [record])
 
     def append_samples(self, records: list[dict[str, Any]]) -> None:
-        for record in records:
-            _append_line(self.samples_file, record)
+        _append_lines(self.samples_file, records)
+
+    def append_groups(self, records: list[dict[str, Any]]) -> None:
+        _append_lines(self.groups_file, records)
+
+    def read_groups(self) -> list[dict[str, Any]]:
+        return _read_lines(self.groups_file)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return _read_lines(self.metrics_file)
@@ -80,8 +87,9 @@ class RunDirectory:
         self.truncate_after(-1)
 
     def truncate_after(self, step: int) -> None:
-        """Drop metric and sample lines of steps after ``step`` (written before a crash)."""
-        for path in (self.metrics_file, self.samples_file):
+        """Drop metric, sample and group lines of steps after ``step`` (written before a
+        crash)."""
+        for path in (self.metrics_file, self.samples_file, self.groups_file):
             kept = [r for r in _read_lines(path) if r.get("step", 0) <= step]
             _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -168,9 +176,11 @@ class RunDirectory:
         return out
 
 
-def _append_line(path: Path, record: dict[str, Any]) -> None:
+def _append_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    if not records:
+        return
     with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write("".join(json.dumps(record) + "\n" for record in records))
         handle.flush()
         os.fsync(handle.fileno())
 

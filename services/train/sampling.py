@@ -12,8 +12,12 @@ whose rewards are all equal and refills the step from the dataset, up to
 completions unscorable step after step fails the run (:class:`UnscorableGuard`)
 instead of letting it "succeed" with the initial weights.
 
-Group ids and sampling seeds depend only on the run seed, the step, the
-group's index and the refill round, so a run is reproducible exactly.
+Sampling seeds depend only on the run seed, the step, the group's index and the
+refill round, so a run is reproducible exactly; group ids name those and the
+question's row in the dataset (``s3-a0-q1-d57``), so that ``groups.jsonl`` shows
+which question each group was, across a resume too. Every group sampled for a step is
+in its :class:`StepBatch`, or named there as left out (stale or dropped by dynamic
+sampling).
 """
 
 from __future__ import annotations
@@ -120,23 +124,23 @@ class SamplingPipeline:
     def next_batch(self, step: int, version: int) -> tuple[StepBatch, dict[str, float]]:
         """The scored groups of ``step`` (1-based) and the step's sampling metrics."""
         size, dynamic = self.spec.train.questions_per_step, self.spec.algorithm.dynamic_sampling
-        timer, kept, seen, dropped = PhaseTimer(), [], [], 0
+        timer, kept, seen, stale_rows = PhaseTimer(), [], [], 0
         for attempt in range(MAX_DYNAMIC_SAMPLING_ROUNDS):
             submission = self._take(step, attempt, size - sum(len(p.groups) for p in kept))
             with timer.measure("generate"):
                 groups = self.pool.collect(submission.handle)
             self._prefetch(step)
             questions, groups, stale = self._fresh(submission.questions, groups, version)
-            dropped += stale
+            stale_rows += sum(len(group) for group in stale)
             with timer.measure("reward"):
-                scored = self.score(questions, groups, step)
+                scored = self.score(questions, groups, step).leaving_out(stale, "stale_dropped")
             seen.append(scored)
             kept.append(scored.informative() if dynamic else scored)
             if not dynamic or sum(len(p.groups) for p in kept) >= size:
                 break
         everything = StepBatch.concat(seen)
         self.guard.check(step, everything)
-        metrics = {**everything.metrics(), **timer.as_metrics(), "async/stale_dropped": dropped}
+        metrics = {**everything.metrics(), **timer.as_metrics(), "async/stale_dropped": stale_rows}
         metrics["rollout/tokens_per_s"] = _tokens_per_s(everything, timer)
         return StepBatch.concat(kept), metrics
 
@@ -168,7 +172,7 @@ class SamplingPipeline:
     def _submit(self, step: int, questions: list[Question], attempt: int) -> _Submission:
         requests = [
             GroupRequest(
-                group_id=f"s{step}-a{attempt}-q{i}",
+                group_id=f"s{step}-a{attempt}-q{i}-d{q.index}",
                 prompt=q.prompt,
                 seed=group_seed(self.spec.seed, step, i, attempt),
             )
@@ -178,17 +182,17 @@ class SamplingPipeline:
 
     def _fresh(
         self, questions: list[Question], groups: list[list[RolloutRecord]], version: int
-    ) -> tuple[list[Question], list[list[RolloutRecord]], int]:
-        """Drop groups sampled more than ``max_staleness`` versions ago; count their rows."""
+    ) -> tuple[list[Question], list[list[RolloutRecord]], list[list[RolloutRecord]]]:
+        """Split off the groups sampled more than ``max_staleness`` versions ago."""
         limit = self.spec.train.max_staleness
-        kept_q, kept_g, dropped = [], [], 0
+        kept_q, kept_g, stale = [], [], []
         for question, group in zip(questions, groups):
             if group and version - group[0].weights_version > limit:
-                dropped += len(group)
+                stale.append(group)
                 continue
             kept_q.append(question)
             kept_g.append(group)
-        return kept_q, kept_g, dropped
+        return kept_q, kept_g, stale
 
 
 def _tokens_per_s(batch: StepBatch, timer: PhaseTimer) -> float:
