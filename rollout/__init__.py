@@ -5,6 +5,7 @@
 - :class:`RolloutEngine` — one vLLM engine, a plain class (no Ray).
 - :class:`RolloutPool` — N engines in Ray actors: spreading, weight sync, health.
 - :func:`serialize_weights` — the weight-update byte format (safetensors).
+- :mod:`rollout.lora` — LoRA adapters as weight updates (``lora=`` of the engine and pool).
 - :class:`ObjectStoreTransport`, :class:`BroadcastTransport` — how updates travel;
   :class:`BroadcastSender` (the learner's half of a broadcast), :class:`ActorSenderLink`
   (the driver's handle on it), :class:`WeightSyncError`.

@@ -4,7 +4,9 @@
 nothing of Ray (the pool wraps it in an actor). It samples G completions per
 question with one request of ``n=G``, reports each sampled token's
 log-probability, and loads new weights in place through the worker extension
-(:mod:`rollout.worker_extension`).
+(:mod:`rollout.worker_extension`). With LoRA (``lora=``, a PEFT adapter config)
+the base weights stay as loaded: each update is an adapter, and the engine
+samples with the latest one (:mod:`rollout.lora`).
 
 Log-probabilities are vLLM's ``processed_logprobs``: those of the distribution
 actually sampled from, i.e. ``log_softmax(logits / temperature)`` (renormalised
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rollout.config import RolloutConfig
+from rollout.lora import vllm_lora_options
 from rollout.records import GroupRequest, RolloutRecord, SamplingSpec
 from rollout.weights import WeightUpdateError
 
@@ -27,6 +30,21 @@ logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "rollout.worker_extension.WeightLoaderExtension"
 _GIB = 1 << 30
+
+
+class _LoRATokenizerWarning(logging.Filter):
+    """Drops vLLM's "deprecated support for supporting different tokenizers for
+    different LoRAs" warning (once per engine, at its first adapter request), and
+    only it: the adapters here are built in memory and never bring a tokenizer,
+    so the base model's is used, as intended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "different tokenizers for different LoRAs" not in record.getMessage()
+
+
+_INPUT_LOGGER = logging.getLogger("vllm.v1.engine.input_processor")
+if not any(isinstance(f, _LoRATokenizerWarning) for f in _INPUT_LOGGER.filters):
+    _INPUT_LOGGER.addFilter(_LoRATokenizerWarning())
 
 
 class RolloutEngine:
@@ -38,6 +56,12 @@ class RolloutEngine:
     anything a deployment needs, e.g. ``tensor_parallel_size``). On the CPU
     backend the engine's threads come from the process environment
     (``OMP_NUM_THREADS``, ``VLLM_CPU_OMP_THREADS_BIND``), which the pool sets.
+
+    ``lora`` (the PEFT ``adapter_config.json`` content as a dict, e.g. from
+    ``learner.lora.adapter_config``) starts vLLM with LoRA enabled
+    (:func:`rollout.lora.vllm_lora_options`); every update is then an adapter
+    of that config, and :meth:`generate` samples with the current one (none at
+    version 0: the base model).
     """
 
     def __init__(
@@ -48,14 +72,16 @@ class RolloutEngine:
         dtype: str = "float32",
         seed: int = 0,
         vllm_options: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> None:
+        start = time.perf_counter()
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        imported = time.perf_counter()
         self.model_path = str(model_path)
         self.config = config
         on_cpu = current_platform.is_cpu()
-        start = time.perf_counter()
         options: dict[str, Any] = {}
         if on_cpu:
             options["kv_cache_memory_bytes"] = config.kv_cache_gib * _GIB
@@ -65,6 +91,8 @@ class RolloutEngine:
             # not use offset") and the engine dies. Unchunked prefill never rewinds;
             # vLLM then raises max_num_batched_tokens to max_model_len itself.
             options["enable_chunked_prefill"] = False
+        if lora is not None:
+            options.update(vllm_lora_options(lora))
         options.update(vllm_options or {})
         self._llm = LLM(
             model=self.model_path,
@@ -77,11 +105,24 @@ class RolloutEngine:
             worker_extension_cls=WORKER_EXTENSION,
             **options,
         )
+        if lora is not None:
+            timeout = config.call_timeout_s
+            self._llm.collective_rpc("grpo_set_adapter", args=(dict(lora),), timeout=timeout)
+        self.lora = lora
+        self._adapter: Any = None  # the LoRARequest generate samples with; None: no adapter
         self._tokenizer = self._llm.get_tokenizer()
         self._version = 0
         self.last_load: dict[str, Any] = {}  # what the workers reported for the last update
+        created = time.perf_counter()
         self._warm_up()
         self.start_seconds = time.perf_counter() - start
+        # Where start-up went: importing vLLM, creating the engine (model load, KV
+        # cache, worker start), and the first generation.
+        self.start_phases_s = {
+            "import": round(imported - start, 2),
+            "create": round(created - imported, 2),
+            "warm_up": round(self.start_seconds - (created - start), 2),
+        }
         logger.info("engine for %s ready in %.1f s", self.model_path, self.start_seconds)
 
     @property
@@ -112,7 +153,7 @@ class RolloutEngine:
             )
             for r in requests
         ]
-        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        outputs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._adapter)
         version = self._version
         return [_records(r, out, version) for r, out in zip(requests, outputs, strict=True)]
 
@@ -127,6 +168,8 @@ class RolloutEngine:
 
     def load_weights(self, payload: bytes, version: int) -> int:
         """Load a safetensors payload (see :mod:`rollout.weights`) and adopt ``version``.
+
+        With LoRA the payload is the adapter's tensors (:func:`rollout.lora.adapter_spec`).
 
         A malformed payload raises :class:`WeightUpdateError` before anything
         changes (each worker validates it against its model before loading); the
@@ -158,6 +201,8 @@ class RolloutEngine:
             raise WeightUpdateError(refused[0])
         # KV blocks cached under the old weights would be reused for new prompts.
         self._llm.reset_prefix_cache()
+        if self.lora is not None:
+            self._adapter = _adapter_request(results[0]["adapter_id"])
         self._version = version
         self.last_load = results[0]
         logger.info("weights version %d loaded in %.3f s", version, results[0]["seconds"])
@@ -173,6 +218,15 @@ class RolloutEngine:
         # The first request that asks for log-probabilities compiles a small
         # kernel (seconds on CPU); pay it here rather than inside a timed call.
         self.generate([GroupRequest("warm-up", "0", seed=0)], SamplingSpec(n=2, max_tokens=2))
+
+
+def _adapter_request(adapter_id: int) -> Any:
+    """The request for an adapter the workers registered in memory: vLLM finds its id
+    loaded and never reads the path, which only has to be non-empty."""
+    from vllm.lora.request import LoRARequest
+
+    name = f"grpo-adapter-{adapter_id}"
+    return LoRARequest(lora_name=name, lora_int_id=adapter_id, lora_path=f"in-memory:{name}")
 
 
 def _records(request: GroupRequest, output: Any, version: int) -> list[RolloutRecord]:

@@ -33,6 +33,7 @@ from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine
+from rollout.lora import adapter_spec
 from rollout.records import GroupRequest, RolloutRecord, SamplingSpec
 from rollout.transport import ObjectStoreTransport, WeightTransport
 from rollout.weights import WeightUpdateError, checkpoint_spec
@@ -71,7 +72,8 @@ class EngineActor(RolloutEngine):
         return self.weights_version
 
     def process_info(self) -> dict[str, Any]:
-        """This actor's pid, node and vLLM child processes (pid, start time)."""
+        """This actor's pid, node, vLLM child processes (pid, start time) and start-up
+        phases (``RolloutEngine.start_phases_s``)."""
         import psutil
 
         me = psutil.Process()
@@ -80,6 +82,7 @@ class EngineActor(RolloutEngine):
             "create_time": me.create_time(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "children": [(c.pid, c.create_time()) for c in me.children(recursive=True)],
+            "start_phases_s": self.start_phases_s,
         }
 
     @staticmethod
@@ -143,7 +146,9 @@ class RolloutPool:
     ``placement(index)`` gives the Ray actor options of engine ``index``
     (resources, ``runtime_env`` with its threads and cores): placement policy is
     the caller's (``services.train.parts.engine_placement``). Ray must be
-    initialised by the caller.
+    initialised by the caller. ``lora`` (a PEFT adapter config, see
+    :class:`RolloutEngine`) makes every engine serve LoRA adapters: each update
+    is an adapter, validated, loaded and rolled back like full weights.
     """
 
     def __init__(
@@ -155,13 +160,15 @@ class RolloutPool:
         dtype: str = "float32",
         seed: int = 0,
         transport: WeightTransport | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         self.model_path = str(model_path)
         self.config = config
         self.dtype = dtype
         self.seed = seed
         self.transport = transport or ObjectStoreTransport()
-        self._spec = _local_spec(self.model_path)
+        self.lora = lora
+        self._spec = _local_spec(self.model_path, lora)
         self._placement = placement
         self._version = 0
         self._staged: Any = None
@@ -316,6 +323,7 @@ class RolloutPool:
                 self.config,
                 dtype=self.dtype,
                 seed=self.seed + index,
+                lora=self.lora,
                 **extra,
             )
         )
@@ -470,7 +478,8 @@ def reap(info: dict[str, Any]) -> list[int]:
     """Kill an engine actor's recorded process and its vLLM children; return the pids killed.
 
     A pid is only killed if its start time matches the recorded one (pids get
-    reused). Processes on another node are reaped by a task pinned to that node."""
+    reused). Processes on another node are reaped by a task pinned to that node (none
+    if the node is gone: its processes went with it)."""
     targets = [(info["pid"], info["create_time"]), *info.get("children", [])]
     node = info.get("node_id")
     if node is not None and node != ray.get_runtime_context().get_node_id():
@@ -478,7 +487,10 @@ def reap(info: dict[str, Any]) -> list[int]:
 
         strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
         task = ray.remote(num_cpus=0)(_kill_processes).options(scheduling_strategy=strategy)
-        return ray.get(task.remote(targets), timeout=60)
+        try:
+            return ray.get(task.remote(targets), timeout=60)
+        except ray.exceptions.TaskUnschedulableError:
+            return []  # the node is gone, and its processes with it
     return _kill_processes(targets)
 
 
@@ -511,11 +523,12 @@ def _is_ready(ref: Any) -> bool:
     return bool(ready)
 
 
-def _local_spec(model_path: str):
-    """The checkpoint spec if the driver can read the model directory, else None
-    (each engine still validates before it changes anything)."""
+def _local_spec(model_path: str, lora: dict[str, Any] | None):
+    """The checkpoint's spec (with LoRA: the adapter's) if the driver can read the model
+    directory, else None (each engine still validates before it changes anything)."""
     try:
-        return checkpoint_spec(model_path)
+        spec = checkpoint_spec(model_path)
     except (FileNotFoundError, OSError):
         logger.info("model directory %s not readable here; engines validate updates", model_path)
         return None
+    return spec if lora is None else adapter_spec(spec, lora)

@@ -55,10 +55,16 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class CheckpointSpec:
-    """What a valid update for one model looks like."""
+    """What a valid update for one model looks like.
+
+    ``subject`` and ``naming`` word the refusals: what the update is checked
+    against, and what names it should carry (a LoRA adapter's spec,
+    :func:`rollout.lora.adapter_spec`, has its own)."""
 
     tensors: dict[str, TensorSpec]
     tied_embeddings: bool
+    subject: str = "model"
+    naming: str = "Hugging Face parameter names of the model"
 
 
 def dtype_code(torch_name: str) -> str:
@@ -153,12 +159,11 @@ def validate_update(header: Mapping[str, TensorSpec], spec: CheckpointSpec) -> l
     unknown = [n for n in names if n not in expected]
     if unknown:
         raise WeightUpdateError(
-            f"weight update has {len(unknown)} tensor(s) the model does not have: "
-            f"{_listed(unknown)}; send Hugging Face parameter names of the model "
-            f"({_listed(sorted(expected))})"
+            f"weight update has {len(unknown)} tensor(s) the {spec.subject} does not have: "
+            f"{_listed(unknown)}; send {spec.naming} ({_listed(sorted(expected))})"
         )
     bad_shape = [
-        f"{n} {list(header[n].shape)} (model: {list(expected[n].shape)})"
+        f"{n} {list(header[n].shape)} (expected: {list(expected[n].shape)})"
         for n in names
         if header[n].shape != expected[n].shape
     ]
@@ -176,7 +181,7 @@ def validate_update(header: Mapping[str, TensorSpec], spec: CheckpointSpec) -> l
     if missing:
         raise WeightUpdateError(
             f"weight update is incomplete: {len(missing)} of {len(expected)} tensors are "
-            f"missing ({_listed(missing)}); send every parameter of the model"
+            f"missing ({_listed(missing)}); send every parameter of the {spec.subject}"
         )
     return names
 

@@ -21,6 +21,7 @@ import time
 
 import pytest
 import torch
+from rollout_testkit import one_engine_broadcast_pool
 
 from rollout import GroupRequest, SamplingSpec, serialize_weights
 from rollout.broadcast import BroadcastReceiver, BroadcastSender, WeightSyncError
@@ -204,36 +205,6 @@ def test_join_times_out_without_every_rank():
 # ----------------------------------------------------------- through a real engine
 
 
-def tensor_sender_class():
-    """A learner stand-in for a Ray actor: holds tensors, and has the four methods
-    ActorSenderLink calls. Defined in a function so Ray pickles it by value (Ray's
-    workers cannot import test modules)."""
-
-    class TensorSender:
-        def __init__(self) -> None:
-            self.sender = BroadcastSender(timeout_s=60.0)
-            self.tensors: dict[str, torch.Tensor] = {}
-
-        def set_weights(self, payload: bytes) -> None:
-            from rollout import deserialize_weights
-
-            self.tensors = deserialize_weights(payload)
-
-        def weight_sender_endpoint(self) -> dict:
-            return self.sender.endpoint
-
-        def open_weight_group(self, prefix: str, world_size: int) -> None:
-            self.sender.open(prefix, world_size)
-
-        def send_weights(self, version: int) -> dict:
-            return self.sender.send(self.tensors.items(), version)
-
-        def weights_snapshot(self, version: int) -> bytes:
-            return self.sender.snapshot(version)
-
-    return TensorSender
-
-
 SEEDED = [GroupRequest(f"b-{i}", f"Q: {i}+{2 * i}\nA:", seed=40 + i) for i in range(4)]
 SAMPLING = SamplingSpec(n=4, max_tokens=16, temperature=1.0)
 
@@ -255,22 +226,8 @@ def noisy(state: dict[str, torch.Tensor], seed: int) -> bytes:
 @pytest.fixture(scope="module")
 def broadcast_pool(rollout_ray, rollout_tiny_model_dir, rollout_config):
     """One engine whose pool uses the broadcast transport, and the sender actor."""
-    from rollout import ActorSenderLink, BroadcastTransport, RolloutPool
-    from services.train.parts import engine_placement
-
-    config = rollout_config.model_copy(update={"engines": 1})
-    sender = rollout_ray.remote(num_cpus=0)(tensor_sender_class()).remote()
-    transport = BroadcastTransport(ActorSenderLink(sender))
-    pool = RolloutPool(
-        rollout_tiny_model_dir,
-        config,
-        seed=0,
-        placement=engine_placement(config),
-        transport=transport,
-    )
-    yield pool, sender
-    pool.shutdown()
-    rollout_ray.kill(sender)
+    with one_engine_broadcast_pool(rollout_ray, rollout_tiny_model_dir, rollout_config) as made:
+        yield made
 
 
 def _tokens(groups):

@@ -263,8 +263,9 @@ def test_engines_refuse_a_malformed_update_sent_by_reference(rollout_pool, rollo
 def test_dead_and_hung_engines_are_replaced_and_their_groups_reissued(
     rollout_pool, rollout_process_alive, monkeypatch
 ):
-    """Engine 1's actor is SIGKILLed (dead) and engine 0's vLLM processes are
-    SIGSTOPped (hung) while a batch is in flight: the batch completes with every
+    """Engine 1's actor is SIGKILLed (dead) and engine 0's processes (its actor, which
+    runs vLLM's engine core, and any vLLM child) are SIGSTOPped (hung) while a batch
+    is in flight: the batch completes with every
     group exactly once, both engines are replaced, the replacements serve version 1
     and none of the old engines' processes survive."""
     monkeypatch.setattr(
@@ -277,7 +278,7 @@ def test_dead_and_hung_engines_are_replaced_and_their_groups_reissued(
     restarts = rollout_pool.restarts
 
     handle = rollout_pool.submit(requests, sampling)
-    for pid, _ in hung["children"]:
+    for pid, _ in [(hung["pid"], None), *hung["children"]]:
         os.kill(pid, signal.SIGSTOP)
     os.kill(dead["pid"], signal.SIGKILL)
     groups = rollout_pool.collect(handle)
