@@ -1,9 +1,11 @@
 """The job API on a real Ray cluster, with real training jobs (few: each costs a cold
 vLLM engine start).
 
-- A 2-step arithmetic job submitted through the client runs to SUCCEEDED; its metrics,
+- A 4-step arithmetic job submitted through the client runs to SUCCEEDED; its metrics,
   checkpoints and log are served; after a restart of the API (a new app on the same
-  database) the job is still there with its metrics.
+  database) the job is still there with its metrics. It trains a LoRA adapter with two
+  learner ranks and the broadcast transport (the composition the LoRA issue names):
+  the engines serve each new adapter version and their log-probs match the learner's.
 - The run's token (with which that job's driver reported) is in nothing Ray shows of
   the job, and its token file is left on no disk.
 - A running job that is cancelled checkpoints, ends CANCELLED, and its Ray actors die.
@@ -87,9 +89,22 @@ def api(ray_cluster, tmp_path_factory):  # noqa: F811
 def jobs(api):
     """Both real jobs are queued at once; with max_running 1 they run one after the other
     (FIFO), so the machine holds one training job's memory at a time."""
-    ok = api.client.submit(tiny_job("runs/ok"), idempotency_key="real-1")
+    ok = api.client.submit(lora_job(), idempotency_key="real-1")
     cancel = api.client.submit(tiny_job("runs/cancel", train={"steps": 1000}))
     return {"ok": ok, "cancel": cancel}
+
+
+LORA = {"rank": 8, "alpha": 16, "target_modules": "all-linear"}
+
+
+def lora_job() -> dict:
+    """4 steps of LoRA with 2 learner ranks and the broadcast weight transport, on the
+    arithmetic base model (it scores some answers: every step has groups to train on)."""
+    from services.embedded.arithmetic import base_model_dir
+
+    model = {"path": str(base_model_dir()), "lora": LORA}
+    composition = {"learner": {"replicas": 2}, "weight_transport": "broadcast"}
+    return tiny_job("runs/ok", train={"steps": 4}, model=model, cluster=composition)
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5, explain=None):
@@ -126,28 +141,34 @@ def test_job_runs_to_succeeded_and_survives_an_api_restart(api, jobs):
 
     done = client.wait(job.id, timeout_s=JOB_TIMEOUT_S, poll_s=1)
     assert done.state is JobState.SUCCEEDED, (done.error, log_tail(client, job.id))
-    assert done.step == 2 and done.started_at and done.finished_at
+    assert done.step == 4 and done.started_at and done.finished_at
     records = list(client.iter_metrics(job.id))
-    assert [r["step"] for r in records] == [0, 1, 2]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     assert "reward/mean" in records[1] and "eval/accuracy" in records[-1]
     assert done.latest_metrics == records[-1]
+    # each step's samples came from the adapter the learner had just sent, and the
+    # engines' log-probs of them match the learner's (fp32: at most 1e-5 apart)
+    assert [r["weights_version"] for r in records[1:]] == [1, 2, 3, 4]
+    assert max(r["train/inference_logprob_abs_diff"] for r in records[1:]) <= 1e-5
     checkpoints = client.checkpoints(job.id)
-    assert [(c.step, c.final) for c in checkpoints] == [(2, False), (2, True)]
-    assert Path(checkpoints[-1].path, "model.safetensors").exists()
+    assert [(c.step, c.final) for c in checkpoints] == [(4, False), (4, True)]
+    final = Path(checkpoints[-1].path)
+    assert (final / "model.safetensors").exists()  # the base with the adapter merged
+    assert (final / "adapter" / "adapter_config.json").exists()  # and the adapter itself
     changes = [(e.from_state, e.to_state) for e in client.events(job.id)][1:]
     assert changes == [(JobState.QUEUED, JobState.RUNNING), (JobState.RUNNING, JobState.SUCCEEDED)]
 
     log = wait_for(lambda: complete_log(client, job.id), 60, "the complete log")
-    assert b"succeeded after 2 steps" in log.data, log.data[-2000:]
+    assert b"succeeded after 4 steps" in log.data, log.data[-2000:]
     tail = client.logs(job.id, offset=len(log.data) - 10)
     assert tail.data == log.data[-10:] and tail.next_offset == len(log.data)
     assert b"".join(client.follow_logs(job.id)) == log.data
 
     api.restart()
     kept = api.client.get(job.id)
-    assert kept.state is JobState.SUCCEEDED and kept.step == 2
+    assert kept.state is JobState.SUCCEEDED and kept.step == 4
     assert list(api.client.iter_metrics(job.id)) == records
-    assert api.client.submit(tiny_job("runs/ok"), idempotency_key="real-1").id == job.id
+    assert api.client.submit(lora_job(), idempotency_key="real-1").id == job.id
 
 
 def test_the_run_token_is_in_nothing_ray_shows(api, jobs, ray_cluster):  # noqa: F811
