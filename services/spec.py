@@ -292,15 +292,6 @@ class JobSpec(ValidUnicode):
         return self
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> JobSpec:
-        if self.train.warmup_steps > self.train.steps:
-            raise ValueError(
-                f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.steps "
-                f"({self.train.steps}); lower warmup_steps"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _eval_needs_data(self) -> JobSpec:
         if self.train.eval_every and self.data.eval is None:
             raise ValueError(
