@@ -8,13 +8,6 @@ stays under the learner's micro-batch budget, and, with N learner ranks, the
 plan of each rank's micro-batches: every rank runs as many as the busiest one
 (an FSDP forward and backward are collectives), the missing ones being
 ``None`` — a placeholder micro-batch (``placeholder``) of zero weight.
-
-Micro-batches hold samples of similar length (``split_by_tokens`` takes them
-shortest first), so little of a padded micro-batch is padding. Sorting and
-bucketing was measured against packing each micro-batch's samples into rows
-with a block-diagonal attention mask (``bench/learner_efficiency.py``): on CPU
-the dense mask's attention over the longer rows cost more than the padding it
-saved.
 """
 
 from __future__ import annotations
@@ -53,37 +46,28 @@ class MicroBatch:
     advantages: torch.Tensor  # [B, C]
     inference_logprobs: torch.Tensor  # [B, C] (0 where unknown)
     indices: list[int]  # positions of these samples in the full batch
-    logits_start: int = 0
-    """The first position of L whose logits predict a completion token (none before it do)."""
 
     def to(self, device: torch.device) -> MicroBatch:
-        fields = vars(self).items()
-        return MicroBatch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in fields})
+        moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return MicroBatch(**moved, indices=self.indices)
 
 
-def split_by_tokens(
-    samples: Sequence[TrainSample], max_tokens: int, pass_cost_tokens: int | None = None
-) -> list[list[int]]:
-    """Group sample indices, shortest samples first, so each group's padded size ≤ ``max_tokens``.
+def split_by_tokens(samples: Sequence[TrainSample], max_tokens: int) -> list[list[int]]:
+    """Group sample indices, in order, so each group's padded size ≤ ``max_tokens``.
 
     The padded size of a group is ``len(group) × longest sample``; a sample
-    longer than the budget gets a micro-batch of its own. With
-    ``pass_cost_tokens`` a sample also starts a new group when widening the
-    current one to its length would pad more tokens than that: what one more
-    forward and backward pass costs, in tokens.
+    longer than the budget gets a micro-batch of its own.
     """
     groups: list[list[int]] = []
     current: list[int] = []
     longest = 0
-    for index in sorted(range(len(samples)), key=lambda i: samples[i].length):
-        length = samples[index].length  # ≥ longest: the samples come shortest first
-        over_budget = length * (len(current) + 1) > max_tokens
-        padding = (length - longest) * len(current)
-        if current and (over_budget or padding > (pass_cost_tokens or max_tokens)):
+    for index, sample in enumerate(samples):
+        candidate = max(longest, sample.length)
+        if current and candidate * (len(current) + 1) > max_tokens:
             groups.append(current)
-            current = []
+            current, candidate = [], sample.length
         current.append(index)
-        longest = length
+        longest = candidate
     if current:
         groups.append(current)
     return groups
