@@ -76,6 +76,20 @@ def test_engine_placement_puts_the_specs_resources_over_the_defaults(monkeypatch
     assert gpu["num_gpus"] == 1 and "OMP_NUM_THREADS" not in gpu["runtime_env"]["env_vars"]
 
 
+def test_cpu_engines_run_vllms_engine_core_in_their_own_process(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1})
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    config = RolloutConfig(engines=1)
+    env = engine_placement(config, Resources(num_gpus=0))(0)["runtime_env"]["env_vars"]
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "LD_PRELOAD" not in env  # measured slower in process (bench/engine_runtime.py)
+    gpu = engine_placement(config, Resources(num_gpus=1))(0)["runtime_env"]["env_vars"]
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu  # vLLM's own default on GPUs
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the driver's setting wins
+    env = engine_placement(config, Resources(num_gpus=0))(0)["runtime_env"]["env_vars"]
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+
+
 def write_rows(tmp_path, rows) -> Path:
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -86,6 +86,12 @@ def test_two_real_steps_train_every_parameter_and_advance_the_engines(ray_sessio
     for name in ("config.json", "metrics.jsonl", "samples.jsonl", "curves.png"):
         assert (result.run_dir / name).exists(), name
     assert (result.run_dir / "checkpoints" / "step_2" / "driver_state.json").exists()
+    # when each part was ready, the parts having started together
+    startup = json.loads((result.run_dir / "placement.json").read_text())["startup_s"]
+    assert {"before_parts", "ray", "reward", "learner", "engines"} <= set(startup)
+    assert all(startup[part] >= startup["ray"] for part in ("reward", "learner", "engines"))
+    (phases,) = startup["engine_phases"]
+    assert set(phases) == {"import", "create", "warm_up"}
 
 
 def test_two_learner_ranks_train_every_parameter_and_the_engines_serve_it(ray_session, tmp_path):

@@ -547,15 +547,16 @@ class Parts:
         """Where each part runs: node ids, the reward service's URL, each node's address,
         and the start-up times."""
         actor = self.reward.actor
+        engines = self.pool.process_infos()
         return {
             "learner": self.learner.node() if self.learner else None,
             "reward": node_of(actor) if actor is not None else None,
             "reward_url": self.reward.client.url if actor is not None else None,
-            "engines": [info["node_id"] for info in self.pool.process_infos()],
+            "engines": [info["node_id"] for info in engines],
             "nodes": {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]},
             "startup_s": {
                 **self.startup_s,
-                "engine_phases": [info["start_phases_s"] for info in self.pool.process_infos()],
+                "engine_phases": [info["start_phases_s"] for info in engines],
             },
         }
 
