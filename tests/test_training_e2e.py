@@ -6,9 +6,14 @@ over HTTP, the learner actor, real Ray.
   learner ranks (FSDP2 over gloo), whose engines serve what the group trained.
 - Exact resume (sync mode, two learner ranks): 4 steps straight against 2 steps, a
   SIGKILL of the driver process, and a resume for the last 2: identical per-step
-  losses and identical final weights. One rank's resume runs the same driver code;
-  its learner checkpoints are proven exact by replay in tests/test_learner.py, and
-  between one rank and two in tests/test_learner_group.py.
+  losses, identical final weights and the same groups.jsonl. One rank's resume runs
+  the same driver code; its learner checkpoints are proven exact by replay in
+  tests/test_learner.py, and between one rank and two in tests/test_learner_group.py.
+- Exact resume with LoRA (one learner rank, `model.lora` rank 8 on all linear
+  modules): 3 steps straight against 2 steps, a SIGKILL and a resume for the last: the
+  same per-step losses, the same adapter in final/adapter/ (PEFT's files), the same
+  merged final/ model and groups.jsonl, and the resumed engines serve the checkpoint's
+  adapter (weights version 3, log-probs that match the learner's).
 """
 
 from __future__ import annotations
@@ -169,37 +174,97 @@ def digest(model_dir: Path) -> str:
     return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_resume_after_killing_the_driver_of_two_learner_ranks_is_exact(ray_session, tmp_path):
-    address = ray_session.get_runtime_context().gcs_address
-    common = {
-        "train": {"steps": 4, "eval_every": 0},
-        "data": {"eval": None},
-        "checkpoint": {"every": 2, "keep_last": 3},
-        "cluster": {"ray_address": address, "learner": {"replicas": 2}},
+def file_digests(directory: Path) -> dict[str, str]:
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in directory.iterdir()
     }
+
+
+def straight_and_resumed(tmp_path: Path, kill_after: int, **sections) -> tuple[Path, Path]:
+    """The job of ``sections`` run by the driver straight through, and again with its
+    driver SIGKILLed once the step-``kill_after`` checkpoint is in place, then resumed
+    (``checkpoint.resume: auto``); the two runs' directories."""
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    straight = run_driver(write_spec(tmp_path / "a.json", job(straight_dir, **common)),
+    straight = run_driver(write_spec(tmp_path / "a.json", job(straight_dir, **sections)),
                           tmp_path / "straight.log")  # fmt: skip
     assert straight.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
 
-    spec_file = write_spec(tmp_path / "b.json", job(resumed_dir, **common))
+    spec_file = write_spec(tmp_path / "b.json", job(resumed_dir, **sections))
     first = run_driver(spec_file, tmp_path / "resumed.log")
-    checkpoint = resumed_dir / "checkpoints" / "step_2" / "driver_state.json"
+    checkpoint = resumed_dir / "checkpoints" / f"step_{kill_after}" / "driver_state.json"
     deadline = time.monotonic() + 600
     while not checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert checkpoint.exists(), (tmp_path / "resumed.log").read_text()[-3000:]
     first.send_signal(signal.SIGKILL)
-    first.wait(timeout=60)
+    assert first.wait(timeout=60) == -signal.SIGKILL  # killed, not finished
     second = run_driver(spec_file, tmp_path / "resumed.log")
     assert second.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    return straight_dir, resumed_dir
 
-    assert [s for s, _, _ in losses(resumed_dir)] == [1, 2, 3, 4]
+
+def assert_resumed_exactly(resumed_dir: Path, straight_dir: Path, steps: int) -> None:
+    assert [s for s, _, _ in losses(resumed_dir)] == list(range(1, steps + 1))
     assert losses(resumed_dir) == losses(straight_dir)
     assert digest(resumed_dir / "final") == digest(straight_dir / "final")
     # every group once, as in the straight run: the killed driver's groups.jsonl lines past
     # its checkpoint were cut on resume
     assert RunDirectory(resumed_dir).read_groups() == RunDirectory(straight_dir).read_groups()
+
+
+def test_resume_after_killing_the_driver_of_two_learner_ranks_is_exact(ray_session, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    straight_dir, resumed_dir = straight_and_resumed(
+        tmp_path,
+        kill_after=2,
+        train={"steps": 4, "eval_every": 0},
+        data={"eval": None},
+        checkpoint={"every": 2, "keep_last": 3},
+        cluster={"ray_address": address, "learner": {"replicas": 2}},
+    )
+    assert_resumed_exactly(resumed_dir, straight_dir, steps=4)
+
+
+def test_resume_after_killing_the_driver_is_exact_with_lora(ray_session, tmp_path):
+    """Killed after step 2's checkpoint, so step 3 needs all the checkpoint holds: the
+    adapter, its optimizer moments and schedule, the data cursor, and the engines serving
+    that adapter again before they sample."""
+    address = ray_session.get_runtime_context().gcs_address
+    lora = {"rank": 8, "alpha": 16, "target_modules": "all-linear"}
+    straight_dir, resumed_dir = straight_and_resumed(
+        tmp_path,
+        kill_after=2,
+        model={"lora": lora},
+        train={"steps": 3, "eval_every": 0},
+        data={"eval": None},
+        checkpoint={"every": 2},
+        cluster={"ray_address": address},
+    )
+    assert_resumed_exactly(resumed_dir, straight_dir, steps=3)
+    runs = [
+        [r for r in RunDirectory(run).read_metrics() if r["step"] > 0]
+        for run in (resumed_dir, straight_dir)
+    ]
+    # the premise: some step before the kill trained, so the checkpoint's adapter is not
+    # the initial one (lora_B zero), which the base model would serve just as well
+    assert any(r["train/grad_norm"] > 0 for r in runs[1][:2])
+    # the resumed driver's engines sampled step 3 with the checkpoint's adapter: the
+    # weights version runs on, and their log-probs match the learner's
+    assert [r["weights_version"] for r in runs[0]] == [r["weights_version"] for r in runs[1]]
+    assert [r["weights_version"] for r in runs[0]] == [1, 2, 3]
+    assert all(r["train/inference_logprob_abs_diff"] <= 1e-5 for r in runs[0])
+    # final/adapter/ in PEFT's format: the same files byte for byte, but for the config's
+    # target_modules, which PEFT writes from a set (in an order that varies by process)
+    adapters = [run / "final" / "adapter" for run in (resumed_dir, straight_dir)]
+    files = [file_digests(adapter) for adapter in adapters]
+    configs = [json.loads((adapter / "adapter_config.json").read_text()) for adapter in adapters]
+    for digests, config in zip(files, configs, strict=True):
+        del digests["adapter_config.json"]
+        config["target_modules"] = sorted(config["target_modules"])
+    assert "adapter_model.safetensors" in files[0] and files[0] == files[1]
+    assert configs[0] == configs[1] and (configs[0]["r"], configs[0]["lora_alpha"]) == (8, 16)
+    tensors = load_file(adapters[0] / "adapter_model.safetensors")
+    assert tensors and all("lora_" in name for name in tensors)  # the adapter only
 
 
 def test_async_mode_overlaps_and_drops_rollouts_past_max_staleness(ray_session, tmp_path):
