@@ -11,8 +11,8 @@ A completion has the format the ``arithmetic_steps`` verifier parses::
     completion:  "23+45=68\\n68-17=51\\n\\\\boxed{51}"   (then end of text)
 
 Everything is deterministic: problems come from seeded generators, the warm-up
-fixes its seeds and thread count, and results are cached under
-``$GRPO_CACHE_DIR`` keyed by every setting that affects them.
+fixes its seeds, its thread count and its kernels (``PINNED_NUMERICS``), and results
+are cached under ``$GRPO_CACHE_DIR`` keyed by every setting that affects them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +34,12 @@ log = logging.getLogger(__name__)
 OPERATORS = ("+", "-")
 SPLIT_SEEDS = {"train": 1, "eval": 2, "warmup": 3}
 EVAL_SIZE = 256
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+"""The warm-up's kernels: torch's AVX2 kernels and MKL's AVX2 code path (conditional
+numerical reproducibility) on every x86-64 CPU that has AVX2. Left to choose, they
+follow each CPU's widest instructions, and the warm-up's training turned the last-bit
+differences into a different base policy on each of three machines (27.3% and 34.4%
+at step 0 on two of them)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,7 @@ class WarmupConfig:
     """The supervised warm-up that makes the base model (fixed, documented point)."""
 
     model_size: str = "small"
-    steps: int = 300
+    steps: int = 440
     batch_size: int = 32
     lr: float = 1e-3
     examples: int = 20_000
@@ -118,9 +127,20 @@ def dataset_dir(task: TaskConfig = TaskConfig()) -> Path:
 
 def base_model_dir(task: TaskConfig = TaskConfig(), warmup: WarmupConfig = WarmupConfig()) -> Path:
     """The demo's base policy: the tiny model after the supervised warm-up (cached)."""
-    key = _digest({"task": asdict(task), "warmup": asdict(warmup)})
+    key = _digest({"task": asdict(task), "warmup": asdict(warmup), "numerics": PINNED_NUMERICS})
     name = f"models/arithmetic-base-{warmup.model_size}-{key}"
-    return cached_directory(name, lambda d: supervised_warmup(d, task, warmup))
+    return cached_directory(name, lambda d: _warmup_in_pinned_process(d, task, warmup))
+
+
+def _warmup_in_pinned_process(out_dir: Path, task: TaskConfig, warmup: WarmupConfig) -> None:
+    """Run ``supervised_warmup`` in a fresh interpreter under ``PINNED_NUMERICS``: the
+    kernels are chosen when torch loads, so this process's own torch cannot be used."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, **PINNED_NUMERICS, "PYTHONPATH": path}
+    settings = json.dumps({"task": asdict(task), "warmup": asdict(warmup)})
+    command = [sys.executable, "-m", "services.embedded.arithmetic", str(out_dir), settings]
+    subprocess.run(command, env=env, check=True)
 
 
 def supervised_warmup(out_dir: str | Path, task: TaskConfig, warmup: WarmupConfig) -> Path:
@@ -204,3 +224,11 @@ def prepare_assets(out_dir: str | Path) -> dict[str, Path]:
         shutil.copytree(base_model_dir(), tmp)
         tmp.rename(paths["model"])
     return paths
+
+
+if __name__ == "__main__":  # _warmup_in_pinned_process: python -m ... OUT_DIR SETTINGS_JSON
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _settings = json.loads(sys.argv[2])
+    supervised_warmup(
+        sys.argv[1], TaskConfig(**_settings["task"]), WarmupConfig(**_settings["warmup"])
+    )
