@@ -6,7 +6,10 @@
   and record whether the measurement still ran under load; ``LoadTracker`` records the
   load and the other processes' CPU use all along.
 - ``write_result()`` / ``update_summary()`` — ``bench/results/<name>.json`` and one row
-  per benchmark in ``bench/results/summary.md``.
+  per benchmark in ``bench/results/summary.md``; ``read_result()`` and ``merge_rows()``
+  let a run that measures part of a benchmark keep the rest of its file.
+- ``names()`` — the items of a comma-separated option; ``model_dir()`` — the directory of
+  a model the benchmarks name (``demo``, or a size of ``services.embedded.tiny_model``).
 - ``GrpoRun`` / ``run_grpo_train()`` — ``grpo train`` in a subprocess with ``--set``
   overrides, its run directory in a temporary folder, and the wall-clock time at which
   each ``metrics.jsonl`` line appeared (which separates start-up from steps).
@@ -250,6 +253,37 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     return out
 
 
+def read_result(name: str) -> dict[str, Any]:
+    """``bench/results/<name>.json`` as last written, or ``{}`` when there is none."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def merge_rows(result: dict[str, Any], key: str, rows: dict[str, Any]) -> None:
+    """Put ``rows`` into ``result[key]``, replacing rows of the same name, keeping others."""
+    result[key] = {**result.get(key, {}), **rows}
+
+
+def names(text: str) -> list[str]:
+    """The items of a comma-separated option: ``"a,,b"`` → ``["a", "b"]``."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def model_dir(name: str) -> Path:
+    """``demo``: the arithmetic demo's base model (made when missing); else the
+    ``services.embedded.tiny_model`` of that size (``tiny``, ``small``, ``20m``, ``100m``)."""
+    if name == "demo":
+        ensure_arithmetic_assets()
+        return ARITHMETIC / "assets" / "base-model"
+    from services.embedded.tiny_model import tiny_model_dir
+
+    return tiny_model_dir(name)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+
+
 _SUMMARY_HEAD = [
     "# Benchmark summary",
     "",
@@ -272,7 +306,7 @@ def update_summary(key: str, result: str, target: str, load: str) -> None:
             if line.startswith("| ") and not line.startswith(("| benchmark ", "|---")):
                 name = line.split("|")[1].strip()
                 rows[name] = line
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    when = utc_now()
     clean = [s.replace("|", "/") for s in (key, result, target, load)]
     rows[key] = f"| {clean[0]} | {clean[1]} | {clean[2]} | {clean[3]} | {when} |"
     text = "\n".join(_SUMMARY_HEAD + [rows[k] for k in sorted(rows)]) + "\n"
@@ -288,6 +322,18 @@ def load_text(tracker: dict[str, Any]) -> str:
     if cores.get("nice_lt_10") is not None:
         text += f"; others used {cores['nice_lt_10'] + cores['nice_ge_10']:.1f} cores"
     return text
+
+
+def combined_load(trackers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``LoadTracker.summary()`` of several runs as one: the lowest and highest load, and
+    the busiest run's mean of the cores other processes used (for ``load_text``)."""
+    cores = [t.get("other_processes_cores_mean", {}) for t in trackers]
+    busiest = max(cores, key=lambda c: (c.get("nice_lt_10") or 0) + (c.get("nice_ge_10") or 0))
+    return {
+        "min": min(t["min"] for t in trackers),
+        "max": max(t["max"] for t in trackers),
+        "other_processes_cores_mean": busiest,
+    }
 
 
 def median(values: Iterable[float]) -> float:

@@ -3,15 +3,18 @@
 Each benchmark runs in its own process (a fresh Ray and fresh engines; one failure does
 not stop the others) and waits, before each timed section, for the machine's load
 average to drop (``bench.common.wait_for_quiet``). The order puts the cheap ones first
-and lets ``weight_sync`` use the step time that ``step_breakdown`` measured. About 15
-minutes on 2 quiet cores, plus at most ``--wait-budget`` (10 minutes) of waiting for a
-quiet machine in all, plus about 4 minutes once to install TRL into ``bench/.venv-trl``.
+and lets ``weight_sync`` use the step time that ``step_breakdown`` measured. About 17
+minutes on 2 quiet cores (``weight_sync``, with its LoRA rows, about 4 of them), plus at
+most ``--wait-budget`` (10 minutes) of waiting for a quiet machine in all, plus about 4
+minutes once to install TRL into ``bench/.venv-trl``.
 
 ``bench/rollout.py`` (generation throughput against bare vLLM; 10+ minutes),
 ``bench/vllm_spin.py`` (an experiment, 5 minutes), ``bench/engine_runtime.py`` (4
 minutes), ``bench/gpu_learner.py`` (needs a
-CUDA GPU) and ``bench/faults.py`` (the fault suite, under 15 minutes) run only when
-named in ``--with`` or ``--only``.
+CUDA GPU), ``bench/faults.py`` (the fault suite, under 15 minutes) and
+``bench/learner_scaling.py`` (1 against 2 learner ranks, and LoRA against full
+fine-tuning on the 20m and 100m models: about 6 minutes) run only when
+named in ``--with`` or ``--only``: with them ``make bench`` would pass 22 minutes.
 ``bench/reward.py`` and ``bench/rollout.py`` write no summary row themselves: theirs
 are made here from their latest result files.
 
@@ -47,8 +50,9 @@ BENCHMARKS: dict[str, list[str]] = {
     "engine_runtime": ["bench/engine_runtime.py"],
     "gpu_learner": ["bench/gpu_learner.py"],
     "faults": ["bench/faults.py"],
+    "learner_scaling": ["bench/learner_scaling.py"],
 }
-OPTIONAL = {"rollout", "vllm_spin", "engine_runtime", "gpu_learner", "faults"}
+OPTIONAL = {"rollout", "vllm_spin", "engine_runtime", "gpu_learner", "faults", "learner_scaling"}
 """Run only when named in ``--with`` or ``--only``."""
 
 

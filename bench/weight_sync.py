@@ -1,32 +1,45 @@
-"""Benchmark: weight sync to every engine, object store against broadcast, versus model size.
+"""Benchmark: weight sync to every engine, object store against broadcast, versus model
+size, for full weights and for LoRA adapters.
 
 For each model (``--models``; default the project's ``tiny`` model, the arithmetic
 demo's base model, and the ``20m`` and ``100m`` configs of
-``services.embedded.tiny_model``) it starts one ``rollout.RolloutPool`` of
-``--engines`` vLLM engines (eager) and a learner stand-in actor that holds the
-model's weights and a ``rollout.BroadcastSender``. Then, alternating the two
-transports round by round (ABAB, so both see the same machine), with the
-weights perturbed before every round (not timed), it times one
-``RolloutPool.update_weights`` — what the training loop's
+``services.embedded.tiny_model``) and each part (``--parts``, both by default):
+
+- ``full``: full fine-tuning; an update is every weight of the model;
+- ``lora``: a LoRA adapter (``--lora-rank``, α = 2 × rank, ``all-linear``); the engines
+  start with LoRA enabled and an update is the adapter alone, which every engine worker
+  builds in memory under a new adapter id (``rollout.worker_extension``).
+
+Each part starts what ``grpo train`` starts, with the driver's own code
+(``services.train.parts``): the job spec ``examples/arithmetic/outcome.yaml`` with the
+model (and for ``lora`` its ``model.lora``), the learner (``launch_learner``: one
+``learner.Learner`` rank in a Ray actor, holding the broadcast sender) and a
+``RolloutPool`` of ``--engines`` vLLM engines (eager) serving ``engine_lora(spec)``.
+Then, alternating the two transports round by round (ABAB, so both see the same
+machine), with the learner's trainable weights perturbed before every round (not
+timed), it times one ``LearnerGroup.sync_weights`` — what the training loop's
 ``time/weight_sync_s`` measures:
 
-- ``object_store``: ``pool.update_weights(actor.export.remote(), v)``: the actor
-  serializes to safetensors, the bytes go through the Ray object store, every
-  engine validates, deserializes and reloads;
-- ``broadcast``: ``pool.update_weights(None, v)`` with a
-  ``rollout.BroadcastTransport``: the actor's sender broadcasts the header and
-  the bucketed tensors over gloo, every engine worker receives into its
-  buffers and reloads from views.
+- ``object_store``: the learner exports safetensors bytes, the bytes go through the
+  Ray object store, every engine validates, deserializes and reloads (or, with LoRA,
+  swaps in the new adapter);
+- ``broadcast``: the learner's sender broadcasts the header and the bucketed tensors
+  over gloo, every engine worker receives into its buffers and reloads from views (or
+  builds the adapter from them).
 
-Per model and transport: ``seconds`` (median), ``mb_per_s`` (payload ÷
+Per model, part and transport: ``seconds`` (median), ``mb_per_s`` (payload ÷
 seconds), ``fraction_of_demo_step`` (÷ the demo's measured step time,
 ``bench/results/step_breakdown.json`` or ``--step-s``); for broadcast also where
-the time went (the sender's send, the engine's receive and reload). The load
-average is recorded per model and over the run. Writes
-``bench/results/weight_sync.json``.
+the time went (the sender's send, the engine's receive and reload). Every row records
+the load before (``load``) and during (``load_during``) its measurement.
 
-    python bench/weight_sync.py [--models tiny,demo,20m,100m] [--engines 1] [--repeats 5]
-                                [--bucket-mb 16]
+Results merge into ``bench/results/weight_sync.json``: full-weight rows under
+``models``, LoRA rows under ``lora`` (``adapter_bytes``, ``adapter_seconds`` per
+transport, beside the same model's ``full_bytes`` and ``full_seconds`` from ``models``
+and when those were measured). Rows of models and parts not measured stay as they were.
+
+    python bench/weight_sync.py [--models tiny,demo,20m,100m] [--parts full,lora]
+                                [--engines 1] [--repeats 5] [--bucket-mb 16] [--lora-rank 8]
 """
 
 from __future__ import annotations
@@ -38,34 +51,32 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 from bench.common import (  # noqa: E402
-    ARITHMETIC,
+    OUTCOME_YAML,
     RESULTS,
     LoadTracker,
-    ensure_arithmetic_assets,
+    combined_load,
     load_text,
     machine_info,
+    merge_rows,
+    model_dir,
+    names,
+    read_result,
     update_summary,
+    utc_now,
     wait_for_quiet,
     write_result,
 )
 
 log = logging.getLogger("bench.weight_sync")
 TRANSPORTS = ("object_store", "broadcast")
-
-
-def model_dir(name: str) -> Path:
-    if name == "demo":
-        ensure_arithmetic_assets()
-        return ARITHMETIC / "assets" / "base-model"
-    from services.embedded.tiny_model import tiny_model_dir
-
-    return tiny_model_dir(name)
+PARTS = ("full", "lora")
 
 
 def demo_step_s(explicit: float | None) -> tuple[float | None, str]:
@@ -80,123 +91,156 @@ def demo_step_s(explicit: float | None) -> tuple[float | None, str]:
     return None, "no step time measured yet: run bench/step_breakdown.py first"
 
 
-class WeightHolder:
-    """The learner's side, as a Ray actor: the model's weights and a broadcast sender."""
+def bench_spec(name: str, part: str, args: argparse.Namespace):
+    """The demo's job spec on model ``name``, with a LoRA adapter for part ``lora``."""
+    from services.spec import load_spec
 
-    def __init__(self, path: str, threads: int, bucket_bytes: int) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from rollout import BroadcastSender
-
-        torch.set_num_threads(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        self.sender = BroadcastSender(bucket_bytes=bucket_bytes)
-        self.last_send: dict = {}
-
-    def parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def perturb(self) -> None:
-        import torch
-
-        with torch.no_grad():
-            for param in self.model.parameters():
-                param.mul_(1.0001)
-
-    def named_weights(self):
-        seen: set[int] = set()
-        for name, tensor in self.model.state_dict().items():
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                yield name, tensor.detach()
-
-    def export(self) -> bytes:
-        from rollout import serialize_weights
-
-        return serialize_weights(self.named_weights())
-
-    def weight_sender_endpoint(self) -> dict:
-        return self.sender.endpoint
-
-    def open_weight_group(self, prefix: str, world_size: int) -> None:
-        self.sender.open(prefix, world_size)
-
-    def send_weights(self, version: int) -> dict:
-        self.last_send = self.sender.send(self.named_weights(), version)
-        return self.last_send
-
-    def weights_snapshot(self, version: int) -> bytes:
-        return self.sender.snapshot(version)
-
-    def get_last_send(self) -> dict:
-        return self.last_send
+    sets = [
+        f"model.path={model_dir(name)}",
+        f"rollout.engines={args.engines}",
+        "rollout.group_size=2",
+        "rollout.max_tokens=8",
+        "rollout.enforce_eager=true",
+        "cluster.weight_transport=broadcast",
+    ]
+    if part == "lora":
+        sets.append(f"model.lora={{rank: {args.lora_rank}, target_modules: all-linear}}")
+    return load_spec(OUTCOME_YAML, sets)
 
 
-def measure(name: str, engines: int, repeats: int, bucket_bytes: int) -> dict:
-    import ray
+class SendRecorder:
+    """The broadcast transport's link to the learner group, keeping the last send's
+    report (the sender's seconds and buckets)."""
 
-    from rollout import (
-        ActorSenderLink,
-        BroadcastTransport,
-        ObjectStoreTransport,
-        RolloutConfig,
-        RolloutPool,
-    )
-    from services.train.parts import engine_placement
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.last: Any = None
 
-    path = model_dir(name)
-    holder = ray.remote(num_cpus=0.5)(WeightHolder).remote(str(path), 2, bucket_bytes)
-    params = ray.get(holder.parameters.remote())
-    transports = {
-        "object_store": ObjectStoreTransport(),
-        "broadcast": BroadcastTransport(ActorSenderLink(holder)),
-    }
-    config = RolloutConfig(engines=engines, group_size=2, max_tokens=8, enforce_eager=True)
-    start = time.perf_counter()
-    pool = RolloutPool(path, config, seed=0, placement=engine_placement(config))
-    start_s = time.perf_counter() - start
-    rows: dict[str, list[dict]] = {t: [] for t in TRANSPORTS}
+    @property
+    def endpoint(self) -> dict:
+        return self.group.endpoint
+
+    def open(self, prefix: str, world_size: int) -> Any:
+        return self.group.open(prefix, world_size)
+
+    def send(self, version: int) -> Any:
+        self.last = self.group.send(version)
+        return self.last
+
+    def snapshot(self, version: int) -> Any:
+        return self.group.snapshot(version)
+
+
+def measure(name: str, part: str, args: argparse.Namespace) -> dict:
+    """Start the learner and the pool of ``part`` on model ``name``; time the updates."""
+    from services.train.parts import engine_lora, launch_learner
+
+    spec = bench_spec(name, part, args)
+    lora = engine_lora(spec)
+    tracker = LoadTracker()
+    learner = launch_learner(spec, spec.learner_config())
+    pool = None
     try:
+        _use_bucket(learner.ranks[0], int(args.bucket_mb * 2**20))
+        start = time.perf_counter()
+        pool = _start_pool(spec, lora)
+        start_s = time.perf_counter() - start
+        learner.wait_ready()
         quiet = wait_for_quiet()
-        version = 0
-        for _ in range(repeats + 1):  # the first round of each warms up and is dropped
-            for kind in TRANSPORTS:
-                version += 1
-                ray.get(holder.perturb.remote())
-                pool.transport = transports[kind]
-                update = holder.export.remote() if kind == "object_store" else None
-                t0 = time.perf_counter()
-                pool.update_weights(update, version)
-                seconds = time.perf_counter() - t0
-                rows[kind].append({"seconds": seconds, **_parts(pool, holder, kind)})
-        if pool.weights_versions() != [version] * engines:
-            raise RuntimeError(f"engines did not all reach version {version}")
+        rows = _rounds(pool, learner, args.repeats)
     finally:
-        pool.shutdown()
-        ray.kill(holder)
-    payload = _payload_bytes(path)
+        if pool is not None:
+            pool.shutdown()
+        learner.shutdown()
+    update = _update_spec(spec.model.path, lora)
+    payload = _size(update)[1]
     result = {
-        "model_dir": str(path),
-        "parameters": params,
-        "payload_mb": round(payload / 1e6, 2),
-        "engines": engines,
+        "model_dir": spec.model.path,
+        "parameters": _size(_update_spec(spec.model.path, None))[0],
+        "payload_mb": round(payload / 1e6, 3),
+        "engines": args.engines,
         "pool_start_s": round(start_s, 1),
-        "repeats": repeats,
+        "repeats": args.repeats,
+        "learner": "services.train.parts.launch_learner (learner.Learner, 1 rank)",
+        "measured_at": utc_now(),
         "load": quiet,
+        "load_during": tracker.summary(),
     }
     for kind in TRANSPORTS:
         result[kind] = _summary(rows[kind][1:], payload)
-    return result
+    return result if lora is None else _lora_row(result, update, lora)
 
 
-def _parts(pool, holder, kind: str) -> dict:
+def _start_pool(spec: Any, lora: dict | None) -> Any:
+    """The engines as ``services.train.parts.start_parts`` starts them."""
+    from rollout import RolloutPool
+    from services.train.parts import engine_placement
+
+    return RolloutPool(
+        spec.model.path,
+        spec.rollout,
+        seed=spec.seed,
+        placement=engine_placement(spec.rollout, spec.cluster.engines),
+        lora=lora,
+    )
+
+
+def _use_bucket(rank: Any, bucket_bytes: int) -> None:
+    """Give the learner rank a broadcast sender with ``--bucket-mb`` buckets (the driver
+    makes one of the default size on first use)."""
+    import ray
+
+    def install(learner: Any) -> None:
+        from rollout import BroadcastSender
+
+        learner.weight_sender = BroadcastSender(bucket_bytes=bucket_bytes)
+
+    ray.get(rank.__ray_call__.remote(install))
+
+
+def _rounds(pool: Any, learner: Any, repeats: int) -> dict[str, list[dict]]:
+    """``repeats`` + 1 rounds of both transports (the first round is warm-up)."""
+    import ray
+
+    from rollout import BroadcastTransport, ObjectStoreTransport
+    from services.train.parts import LearnerGroup
+
+    recorder = SendRecorder(learner)
+    groups = {"object_store": LearnerGroup(learner.ranks), "broadcast": learner}
+    transports = {"object_store": ObjectStoreTransport(), "broadcast": BroadcastTransport(recorder)}
+    rows: dict[str, list[dict]] = {t: [] for t in TRANSPORTS}
+    version = 0
+    for _ in range(repeats + 1):
+        for kind in TRANSPORTS:
+            version += 1
+            ray.get(learner.ranks[0].__ray_call__.remote(_perturb))
+            pool.transport = transports[kind]
+            t0 = time.perf_counter()
+            groups[kind].sync_weights(pool, version)
+            seconds = time.perf_counter() - t0
+            rows[kind].append({"seconds": seconds, **_parts(pool, recorder, kind)})
+    if pool.weights_versions() != [version] * len(pool._slots):
+        raise RuntimeError(f"engines did not all reach version {version}")
+    return rows
+
+
+def _perturb(learner: Any) -> None:
+    """Change every weight an update carries (the trainable ones: all, or the adapter)."""
+    import torch
+
+    with torch.no_grad():
+        for param in learner.policy.parameters():
+            if param.requires_grad:
+                param.add_(1e-4)
+
+
+def _parts(pool: Any, recorder: SendRecorder, kind: str) -> dict:
     """Where one broadcast's time went: the sender's send and the engine's receive/reload."""
     if kind != "broadcast":
         return {}
     import ray
 
-    send = ray.get(holder.get_last_send.remote())
+    send = ray.get(recorder.last)
     # The pool keeps its engine actors private; the benchmark reads engine 0's report.
     load = ray.get(pool._slots[0].actor.__ray_call__.remote(lambda engine: engine.last_load))
     return {
@@ -207,21 +251,41 @@ def _parts(pool, holder, kind: str) -> dict:
     }
 
 
-def _payload_bytes(path: Path) -> int:
-    """Bytes of the weights an update carries (the checkpoint's tensors, tied ones once)."""
+def _update_spec(path: str, lora: dict | None) -> Any:
+    """What an update carries: the checkpoint's tensors, or with LoRA the adapter's."""
+    from rollout.lora import adapter_spec
     from rollout.weights import checkpoint_spec
 
     spec = checkpoint_spec(path)
+    return spec if lora is None else adapter_spec(spec, lora)
+
+
+def _size(spec: Any) -> tuple[int, int]:
+    """Elements and bytes of the tensors of ``spec`` (tied ones once)."""
     sizes = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}
-    total = 0
+    elements = total = 0
     for name, tensor in spec.tensors.items():
         if spec.tied_embeddings and name == "lm_head.weight":
             continue
-        count = sizes[tensor.dtype]
+        count = 1
         for dim in tensor.shape:
             count *= dim
-        total += count
-    return total
+        elements += count
+        total += count * sizes[tensor.dtype]
+    return elements, total
+
+
+def _lora_row(result: dict, update: Any, lora: dict) -> dict:
+    """A ``lora`` row: the measurement with the adapter's size and seconds up front."""
+    elements, size = _size(update)
+    return {
+        "adapter_bytes": size,
+        "adapter_seconds": {kind: result[kind]["seconds"] for kind in TRANSPORTS},
+        "adapter_parameters": elements,
+        "adapter_tensors": len(update.tensors),
+        "adapter_config": {k: lora[k] for k in ("r", "lora_alpha", "target_modules")},
+        **result,
+    }
 
 
 def _summary(rows: list[dict], payload: int) -> dict:
@@ -229,7 +293,7 @@ def _summary(rows: list[dict], payload: int) -> dict:
     out = {
         "seconds": round(seconds, 4),
         "seconds_all": [round(r["seconds"], 4) for r in rows],
-        "mb_per_s": round(payload / 1e6 / seconds, 1),
+        "mb_per_s": round(payload / 1e6 / seconds, 2),
     }
     for key in ("send_s", "engine_receive_s", "engine_reload_s"):
         if key in rows[0]:
@@ -239,14 +303,24 @@ def _summary(rows: list[dict], payload: int) -> dict:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,demo,20m,100m", help="comma-separated")
+    parser.add_argument("--parts", default="full,lora", help="comma-separated: full, lora")
     parser.add_argument("--engines", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=float, default=16, help="broadcast bucket, MiB")
+    parser.add_argument("--lora-rank", type=int, default=8, help="the adapter's rank (lora)")
     parser.add_argument("--step-s", type=float, default=None, help="step time to compare with")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = sorted(set(names(args.parts)) - set(PARTS))
+    if unknown or not names(args.parts):
+        parser.error(f"--parts: {', '.join(unknown) or 'none given'}; choose from {PARTS}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import os
@@ -254,7 +328,6 @@ def main() -> None:
     import ray
 
     info = machine_info()
-    tracker = LoadTracker()
     step_s, step_source = demo_step_s(args.step_s)
     ray.init(
         address="local",
@@ -263,42 +336,84 @@ def main() -> None:
         log_to_driver=False,
         _system_config={"worker_niceness": 0},
     )
-    results = {}
+    measured: dict[str, dict] = {"full": {}, "lora": {}}
     try:
-        for name in [m for m in args.models.split(",") if m]:
-            bucket = int(args.bucket_mb * 2**20)
-            results[name] = measure(name, args.engines, args.repeats, bucket)
-            for kind in TRANSPORTS:
-                if step_s:
-                    r = results[name][kind]
-                    r["fraction_of_demo_step"] = round(r["seconds"] / step_s, 4)
-            log.info("  %s: %s", name, _line(name, results[name]))
+        for name in names(args.models):
+            for part in [p for p in PARTS if p in names(args.parts)]:
+                row = measure(name, part, args)
+                for kind in TRANSPORTS:
+                    if step_s:
+                        row[kind]["fraction_of_demo_step"] = round(row[kind]["seconds"] / step_s, 4)
+                measured[part][name] = row
+                log.info("  %s %s: %s", name, part, _line(name, row))
     finally:
         ray.shutdown()
-    load = tracker.summary()
-    result = {
-        "benchmark": "weight sync: Ray object store vs broadcast, by model size",
-        "transports": {
+    result = merged_result(read_result("weight_sync"), measured, args, info)
+    result.update(demo_step_s=step_s, demo_step_s_source=step_source)
+    out = write_result("weight_sync", result)
+    _summary_rows(result, measured, args.engines)
+    log.info("weight sync -> %s", out)
+
+
+def merged_result(result: dict, measured: dict, args: argparse.Namespace, info: dict) -> dict:
+    """The file's result with this run's rows put in (the others kept), the full weights
+    beside each LoRA row, and the load over all the rows."""
+    merge_rows(result, "models", measured["full"])
+    merge_rows(result, "lora", measured["lora"])
+    for name, row in result["lora"].items():
+        full = result["models"].get(name)
+        if full is not None:
+            row.update(_against_full(row, full))
+    rows = [*result["models"].values(), *result["lora"].values()]
+    loads = [r["load_during"] for r in rows if "load_during" in r]
+    result.update(
+        benchmark="weight sync: Ray object store vs broadcast, by model size; LoRA adapters",
+        transports={
             "object_store": "safetensors bytes exported by the learner actor, one ref to all",
             "broadcast": "gloo group learner → engine workers: header, agreement, buckets",
         },
-        "bucket_mb": args.bucket_mb,
-        "seconds_is": "median wall time of one RolloutPool.update_weights (time/weight_sync_s)",
-        "demo_step_s": step_s,
-        "demo_step_s_source": step_source,
-        "models": results,
-        "machine": info,
-        "load_during": load,
+        bucket_mb=args.bucket_mb,
+        seconds_is="median wall time of one LearnerGroup.sync_weights (time/weight_sync_s)",
+        lora_is="rows of updates that carry a LoRA adapter (engines serve it); full_* from "
+        "models, measured at full_measured_at",
+        machine=info,
+        load_during=combined_load(loads) if loads else result.get("load_during"),
+    )
+    return result
+
+
+def _against_full(row: dict, full: dict) -> dict:
+    """The full weights' bytes and seconds beside an adapter's, and the ratios."""
+    full_bytes = round(full["payload_mb"] * 1e6)
+    full_seconds = {kind: full[kind]["seconds"] for kind in TRANSPORTS}
+    return {
+        "full_bytes": full_bytes,
+        "full_seconds": full_seconds,
+        "full_measured_at": full.get("measured_at"),
+        "bytes_ratio_full_over_adapter": round(full_bytes / row["adapter_bytes"], 1),
+        "seconds_ratio_full_over_adapter": {
+            kind: round(full_seconds[kind] / row["adapter_seconds"][kind], 2) for kind in TRANSPORTS
+        },
     }
-    out = write_result("weight_sync", result)
-    line = f"{args.engines} engine(s): " + "; ".join(_line(n, r) for n, r in results.items())
-    update_summary("weight sync", line, "100m by broadcast ≤ 0.5 s", load_text(load))
-    log.info("weight sync: %s -> %s", line, out)
+
+
+def _summary_rows(result: dict, measured: dict, engines: int) -> None:
+    """The summary's rows of the parts measured in this run (each over all its rows)."""
+    keys = {"full": ("models", "weight sync"), "lora": ("lora", "weight sync, LoRA")}
+    targets = {"full": "100m by broadcast ≤ 0.5 s", "lora": "—"}
+    for part, (key, title) in keys.items():
+        if not measured[part]:
+            continue
+        rows = result[key]
+        line = f"{engines} engine(s): " + "; ".join(_line(n, r) for n, r in rows.items())
+        loads = [r["load_during"] for r in rows.values() if "load_during" in r]
+        update_summary(title, line, targets[part], load_text(combined_load(loads)))
 
 
 def _line(name: str, r: dict) -> str:
+    what = f"adapter r {r['adapter_config']['r']}, " if "adapter_bytes" in r else ""
     return (
-        f"{name} ({r['parameters'] / 1e6:.1f}M, {r['payload_mb']} MB) object store "
+        f"{name} ({what}{r['parameters'] / 1e6:.1f}M, {r['payload_mb']} MB) object store "
         f"{r['object_store']['seconds']:.3f} s, broadcast {r['broadcast']['seconds']:.3f} s"
     )
 
