@@ -118,12 +118,22 @@ def token_logprobs(
 ) -> torch.Tensor:
     """Log-probabilities ``[B, C]`` of the completion tokens under ``model``.
 
+    Logits are computed only for the final positions that hold every completion
+    position (``logits_to_keep``): the LM head and the softmax skip the prompts.
     ``autocast_dtype``: CUDA autocast to that dtype around the forward pass (None: off).
     """
+    width = batch.input_ids.shape[1]
+    keep = width - int(batch.completion_positions[:, 0].min())
     enabled = autocast_dtype is not None
     with torch.autocast("cuda", dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    index = batch.completion_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    selected = logits.gather(1, index).float() / temperature
+        output = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+            logits_to_keep=keep,
+        )
+    positions = (batch.completion_positions - (width - keep)).clamp(min=0)
+    index = positions.unsqueeze(-1).expand(-1, -1, output.logits.shape[-1])
+    selected = output.logits.gather(1, index).float() / temperature
     token_logits = selected.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
     return token_logits - torch.logsumexp(selected, dim=-1)

@@ -14,7 +14,7 @@ import pytest
 from rollout import RolloutConfig, RolloutRecord
 from services.spec import Resources
 from services.train.data import DataError, load_questions
-from services.train.parts import cpu_engine_env, engine_placement
+from services.train.parts import cpu_engine_env, engine_placement, learner_cpu_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,6 +88,16 @@ def test_cpu_engines_run_vllms_engine_core_in_their_own_process(monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the driver's setting wins
     env = engine_placement(config, Resources(num_gpus=0))(0)["runtime_env"]["env_vars"]
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+
+
+def test_the_learner_spins_briefly_unless_the_driver_says_otherwise(monkeypatch):
+    for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(key, raising=False)
+    assert learner_cpu_env() == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "100000"}
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    assert learner_cpu_env()["GOMP_SPINCOUNT"] == "0"
+    engine = engine_placement(RolloutConfig(engines=1), Resources(num_gpus=0))(0)
+    assert "GOMP_SPINCOUNT" not in engine["runtime_env"]["env_vars"]  # engines stay passive
 
 
 def write_rows(tmp_path, rows) -> Path:

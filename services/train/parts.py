@@ -86,6 +86,20 @@ def cpu_env() -> dict[str, str]:
     return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
+def learner_cpu_env() -> dict[str, str]:
+    """``cpu_env``, and the learner's OpenMP threads spin briefly before they sleep
+    (``GOMP_SPINCOUNT``; the driver's own setting wins): between the many short
+    parallel regions of a step a passive thread sleeps and wakes, a short spin
+    catches the next region, and it is too short to take the cores from the
+    engines while the learner waits. Measured on the demo batch (2 cores): a learner
+    step 1.08-1.12 s passive, 0.82-0.84 s with 100000 spins, 0.81-0.84 s with
+    OpenMP's default; 10-step demo runs, passive → 100000 spins: step 2.17 → 1.93 s
+    (median), training 0.83 → 0.68 s, reference log-probs 0.23 → 0.19 s, generation
+    0.96 → 0.95 s."""
+    key = "GOMP_SPINCOUNT"
+    return {**cpu_env(), key: os.environ.get(key, "100000")}
+
+
 def cpu_engine_runtime() -> dict[str, str]:
     """A CPU engine runs vLLM's engine core inside the actor's own process
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; the driver's own setting wins): no second
@@ -343,7 +357,7 @@ def _start_rank(spec: JobSpec, config: LearnerConfig, group: Any, context: Any) 
         "resources": dict(learner.resources),
         "max_concurrency": 1,
         "scheduling_strategy": _in(group, context.rank if context else 0),
-        "runtime_env": {"env_vars": cpu_env()},
+        "runtime_env": {"env_vars": learner_cpu_env()},
     }
     threads = learner.threads or max(1, (os.cpu_count() or 1) // learner.replicas)
     return ray.remote(**options)(LearnerRank).remote(
