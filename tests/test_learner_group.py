@@ -31,6 +31,10 @@ from services.embedded.tiny_model import tiny_model_dir
 # The second config splits each step into two mini-batches (ρ ≠ 1, clipping live).
 CONFIGS = [{"micro_batch_tokens": 24}, {"updates_per_step": 2, "micro_batch_tokens": 48}]
 LOSS_METRICS = ("loss/policy", "loss/kl", "loss/ratio_mean", "loss/clip_frac_low")
+WEIGHT_TOLERANCE = 0.05 * 1e-3  # 5% of make_learner's lr
+"""Adam moves each weight by about lr whatever its gradient's size, so where a gradient
+is a near-cancelling sum, the ranks' other summation order moves the weight by a visible
+fraction of lr (1.4% seen on an AVX-512 machine); a wrong gradient moves it by ~lr."""
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +87,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def test_two_ranks_update_like_one(single, group, config):
     one, two = single[config], group[config]
     for step, (w1, w2) in enumerate(zip(one["weights"], two["weights"])):
-        assert _max_diff(w1, w2) <= 1e-5, f"step {step + 1}"
+        assert _max_diff(w1, w2) <= WEIGHT_TOLERANCE, f"step {step + 1}"
         for name, grad in one["grads"][step].items():
             torch.testing.assert_close(two["grads"][step][name], grad, rtol=1e-4, atol=1e-6)
     for m1, m2 in zip(one["metrics"], two["metrics"]):
