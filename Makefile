@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(VENV)/bin/grpo arithmetic prepare
-	$(VENV)/bin/grpo train examples/arithmetic/outcome.yaml --set checkpoint.resume=never
+	$(VENV)/bin/grpo train examples/arithmetic/process.yaml --set checkpoint.resume=never
 
 test: install
 	$(PY) -m pytest
