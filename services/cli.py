@@ -185,7 +185,8 @@ def arithmetic_prepare(
     paths = prepare_assets(out)
     for name, path in paths.items():
         console.print(f"{name}: {path}")
-    console.print(f"base model SHA-256: {weights_sha256(paths['model'])}")
+    # soft_wrap: the digest stays on one line (copyable) on a narrow console or a pipe
+    console.print(f"base model SHA-256: {weights_sha256(paths['model'])}", soft_wrap=True)
 
 
 @app.command()
