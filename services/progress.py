@@ -9,7 +9,8 @@ Owns three things:
 - :class:`StepDisplay`: that ``on_step`` callback. On a terminal it is a live
   rich display (a bar with elapsed time and ETA, the facts below it, and one
   line kept per evaluation); elsewhere (a pipe, CI, ``--verbose``) it prints
-  exactly one compact line per step;
+  one compact line per step, at most one every ``LINE_INTERVAL_S`` seconds (the
+  first and last steps and every evaluation always print);
 - :func:`quiet_output`: for the run's duration, the process's stdout and
   stderr (file descriptors 1 and 2, so Ray's forwarded worker output, its
   own log lines and vLLM's all go there) point at the run's log file, while
@@ -40,6 +41,9 @@ TIMES = (
     ("time/weight_sync_s", "sync"),
 )
 PROJECT_PACKAGES = frozenset({"services", "learner", "reward", "rollout", "httpedge"})
+LINE_INTERVAL_S = 2.5
+"""Off a terminal, steps closer than this to the last printed line are not printed: at
+most 24 step lines a minute, one screen (the demo's 1.7 s steps gave 35 lines a minute)."""
 STARTING = "starting Ray, the engines, the learner and the reward service…"
 
 
@@ -158,6 +162,7 @@ class StepDisplay:
         self.console = Console(file=out, highlight=False)
         self.live = self.console.is_terminal if live is None else live
         self.progress = _TrainProgress(self.state, self.console) if self.live else None
+        self.last_line: float | None = None  # clock of the last step line printed
 
     def __enter__(self) -> StepDisplay:
         if self.progress is not None:
@@ -171,11 +176,18 @@ class StepDisplay:
     def __call__(self, step: int, record: dict[str, Any]) -> None:
         self.state.update(step, record)
         if self.progress is None:
-            self.say(step_line(self.state))
+            if self._line_due(step, record):
+                self.last_line = self.state.now
+                self.say(step_line(self.state))
             return
         self.progress.show()
         if "eval/accuracy" in record:  # kept above the bar: the run's accuracy curve
             self.say(step_line(self.state))
+
+    def _line_due(self, step: int, record: dict[str, Any]) -> bool:
+        if self.last_line is None or step >= self.state.total or "eval/accuracy" in record:
+            return True
+        return self.state.now - self.last_line >= LINE_INTERVAL_S
 
     def say(self, text: str) -> None:
         """A line on the console (above the live display when there is one)."""

@@ -4,8 +4,10 @@ from recorded metrics dicts: no Ray, no vLLM."""
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
+import time
 
 from rich.console import Console
 
@@ -50,7 +52,9 @@ def test_a_run_without_evaluation_or_with_a_nan_reward():
     )
 
 
-def test_the_display_prints_exactly_one_line_per_step_when_not_a_terminal():
+def test_the_display_prints_one_line_per_step_when_not_a_terminal(monkeypatch):
+    clock = iter([0.0, 3.0, 6.0])  # steps LINE_INTERVAL_S or more apart: every one prints
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
     out = io.StringIO()
     records = [EVAL_0, step(1, 0.25), step(2, 0.5, **{"eval/accuracy": 0.4})]
     with StepDisplay(200, out) as display:
@@ -62,6 +66,24 @@ def test_the_display_prints_exactly_one_line_per_step_when_not_a_terminal():
     assert lines[0] == "step   0/200 | acc 0.344 @0"
     assert lines[2].startswith("step   2/200 | reward 0.500 | acc 0.400 @2 | 3.84 s/step (gen")
     assert all(len(line) < 140 for line in lines)
+
+
+def test_fast_steps_off_a_terminal_print_one_screen_a_minute(monkeypatch):
+    """Steps of 1 s for a minute: at most 24 step lines (one every LINE_INTERVAL_S), but
+    every evaluation and the last step print."""
+    clock = iter(float(t) for t in range(61))
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    out = io.StringIO()
+    with StepDisplay(60, out) as display:
+        display(0, EVAL_0)
+        for n in range(1, 61):
+            extra = {"eval/accuracy": 0.5} if n == 20 else {}
+            display(n, step(n, 0.5, **extra))
+    lines = out.getvalue().splitlines()
+    assert len(lines) <= 24 + 2
+    printed = [int(line.split("/")[0].split()[-1]) for line in lines]
+    assert printed[0] == 0 and 20 in printed and printed[-1] == 60
+    assert all(b - a <= 3 for a, b in itertools.pairwise(printed))  # never a long silence
 
 
 def test_the_live_display_renders_bar_facts_and_eta_from_records():
