@@ -1,7 +1,8 @@
 """Benchmark: where the time of one `grpo train` step goes, in sync and async mode.
 
-Runs `grpo train examples/arithmetic/outcome.yaml` (the demo: 16 questions × G=8, 48
-tokens, the 2.1M-parameter arithmetic base model, one engine) for ``--steps`` steps with
+Runs `grpo train examples/arithmetic/outcome.yaml` (the demo's settings with outcome
+supervision: 16 questions × G=8, 48 tokens, the 2.1M-parameter arithmetic base model,
+one engine) for ``--steps`` steps with
 evaluation and mid-run checkpoints off, in four configurations:
 
 - ``sync`` and ``async`` (``train.mode=async``) with the default threads (engine and
