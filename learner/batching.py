@@ -50,10 +50,13 @@ class MicroBatch:
     advantages: torch.Tensor  # [B, C]
     inference_logprobs: torch.Tensor  # [B, C] (0 where unknown)
     indices: list[int]  # positions of these samples in the full batch
+    logits_start: int = 0
+    """The first position of L whose logits predict a completion token (none before it
+    do): known at collate time, so the forward pass needs no device-to-host read."""
 
     def to(self, device: torch.device) -> MicroBatch:
-        moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-        return MicroBatch(**moved, indices=self.indices)
+        fields = vars(self).items()
+        return MicroBatch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in fields})
 
 
 CPU_PASS_COST_TOKENS = 128
@@ -164,8 +167,17 @@ def collate(samples: Sequence[TrainSample], indices: list[int], pad_id: int) -> 
         advantages[row, :n_tokens] = _token_advantages(sample.advantages, n_tokens)
         if sample.inference_logprobs is not None:
             inference[row, :n_tokens] = torch.tensor(list(sample.inference_logprobs))
+    starts = [len(s.prompt_token_ids) - 1 for s in chosen if len(s.token_ids)]
     return MicroBatch(
-        input_ids, attention, positions, completion_ids, loss_mask, advantages, inference, indices
+        input_ids,
+        attention,
+        positions,
+        completion_ids,
+        loss_mask,
+        advantages,
+        inference,
+        indices,
+        logits_start=min(starts, default=0),
     )
 
 

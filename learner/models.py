@@ -122,8 +122,7 @@ def token_logprobs(
     position (``logits_to_keep``): the LM head and the softmax skip the prompts.
     ``autocast_dtype``: CUDA autocast to that dtype around the forward pass (None: off).
     """
-    width = batch.input_ids.shape[1]
-    keep = width - int(batch.completion_positions[:, 0].min())
+    keep = batch.input_ids.shape[1] - batch.logits_start
     enabled = autocast_dtype is not None
     with torch.autocast("cuda", dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
         output = model(
@@ -132,7 +131,7 @@ def token_logprobs(
             use_cache=False,
             logits_to_keep=keep,
         )
-    positions = (batch.completion_positions - (width - keep)).clamp(min=0)
+    positions = (batch.completion_positions - batch.logits_start).clamp(min=0)
     index = positions.unsqueeze(-1).expand(-1, -1, output.logits.shape[-1])
     selected = output.logits.gather(1, index).float() / temperature
     token_logits = selected.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)

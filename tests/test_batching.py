@@ -132,3 +132,30 @@ def test_log_probabilities_land_on_their_own_samples(model_dir):
         expected = one_by_one.compute_logprobs([sample])[0]
         assert len(row) == len(sample.token_ids)
         torch.testing.assert_close(torch.tensor(row), torch.tensor(expected), rtol=0, atol=1e-5)
+
+
+def test_logits_kept_only_from_the_first_completion_position_give_the_full_log_probs(model_dir):
+    """Prompts of different lengths in one micro-batch: ``token_logprobs`` (logits from
+    ``logits_start`` on) against log-softmax over every position's logits, by hand."""
+    from transformers import AutoModelForCausalLM
+
+    from learner.batching import collate
+    from learner.models import token_logprobs
+
+    samples = [
+        TrainSample([5, 6, 7, 8, 9], [10, 11], 0.0),
+        TrainSample([5, 6], [12, 13, 14, 15], 0.0),
+        TrainSample([5, 6, 7], [], 0.0),  # no completion: no say in where logits start
+    ]
+    batch = collate(samples, [0, 1, 2], pad_id=0)
+    assert batch.logits_start == 1  # the 2-token prompt's last position
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        kept = token_logprobs(model, batch, temperature=0.7, autocast_dtype=None)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    full = torch.log_softmax(logits.float() / 0.7, dim=-1)
+    for row, sample in enumerate(samples):
+        prompt = len(sample.prompt_token_ids)
+        expected = [full[row, prompt - 1 + k, token] for k, token in enumerate(sample.token_ids)]
+        got = kept[row, : len(sample.token_ids)]
+        torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=1e-6)
