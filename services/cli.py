@@ -178,7 +178,7 @@ def arithmetic_prepare(
         "examples/arithmetic/assets"
     ),
 ) -> None:
-    """Write train/eval jsonl and the warmed-up base model (cached; ~1 minute the first time)."""
+    """Write train/eval jsonl and the warmed-up base model (cached; about 90 s the first time)."""
     from services.embedded.arithmetic import prepare_assets, weights_sha256
 
     _logging(True)

@@ -52,7 +52,7 @@ def job(out_dir: Path, **sections) -> dict:
     raw = {
         "name": "e2e",
         "seed": 7,
-        # The warmed-up base model (cached after its first build, ~1 minute): a random
+        # The warmed-up base model (cached after its first build, ~90 s): a random
         # model scores 0 everywhere, which gives zero advantages and no update at all.
         "model": {"path": str(base_model_dir())},
         "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
