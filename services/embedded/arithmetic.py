@@ -34,12 +34,15 @@ log = logging.getLogger(__name__)
 OPERATORS = ("+", "-")
 SPLIT_SEEDS = {"train": 1, "eval": 2, "warmup": 3}
 EVAL_SIZE = 256
-PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
-"""The warm-up's kernels: torch's AVX2 kernels and MKL's AVX2 code path (conditional
-numerical reproducibility) on every x86-64 CPU that has AVX2. Left to choose, they
-follow each CPU's widest instructions, and the warm-up's training turned the last-bit
-differences into a different base policy on each of three machines (27.3% and 34.4%
-at step 0 on two of them)."""
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+"""The warm-up's kernels: torch's AVX2 kernels and MKL's SSE2 code path (conditional
+numerical reproducibility, the branch MKL documents as giving the same results on
+Intel and compatible processors). Left to choose, they follow each CPU's widest
+instructions, and the warm-up's training turned the last-bit differences into a
+different base policy on each of three machines (27.3% and 34.4% at step 0 on two of
+them). ``MKL_CBWR=AVX2`` is not enough: MKL honours it on Intel CPUs only (an AMD
+EPYC's MKL_VERBOSE reports ``CNR:AUTO`` under it, ``CNR:COMPATIBLE`` under this), and
+the two machines built different base policies under it."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class WarmupConfig:
     """The supervised warm-up that makes the base model (fixed, documented point)."""
 
     model_size: str = "small"
-    steps: int = 440
+    steps: int = 300
     batch_size: int = 32
     lr: float = 1e-3
     examples: int = 20_000
