@@ -51,8 +51,8 @@ class RolloutConfig(BaseModel):
     (where it only bounds a start-up memory check)."""
 
     threads: int | None = Field(None, ge=1, le=1024)
-    """CPU threads per engine (OpenMP); None: the node's cores divided among the
-    engines. Ignored on GPUs."""
+    """CPU threads per engine (OpenMP); None: the node's cores (in async mode, half of
+    them) divided among the engines. Ignored on GPUs."""
 
     bind_threads: bool = True
     """On CPU, pin each engine's threads to its own cores

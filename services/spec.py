@@ -169,7 +169,9 @@ class TrainSpec(BaseModel):
     """Most tokens (prompt + completion) in one forward/backward pass of the learner."""
     gradient_checkpointing: bool = False
     mode: Literal["sync", "async"] = "sync"
-    """async: generation of step k+1 overlaps training of step k."""
+    """async: generation of step k+1 overlaps training of step k. On CPU the engines then
+    take half the node's cores and the learner the rest, unless rollout.threads or
+    cluster.learner.threads is set."""
     max_staleness: int = Field(1, ge=0, le=1000)
     """async: rollouts sampled more than this many weight versions ago are dropped."""
     eval_every: int = Field(20, ge=0, le=MAX_STEPS)
@@ -227,7 +229,8 @@ class LearnerResources(Resources):
     replicas: int = Field(1, ge=1, le=1024)
     """Learner ranks: N actors in one placement group, one torch.distributed group that
     shards policy, reference and optimizer state with FSDP2 (the update equals one
-    rank's). On CPU each rank takes the node's cores divided by N unless threads is set."""
+    rank's). On CPU each rank takes the node's cores (in async mode the half the engines
+    leave) divided by N unless threads is set."""
     strategy: Literal["pack", "spread"] = "pack"
     """Placement of the ranks: pack them on as few nodes as possible, or spread them."""
     collective_timeout_s: float = Field(600.0, gt=0, le=MAX_SECONDS)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from rollout import RolloutConfig, RolloutRecord
-from services.spec import Resources
+from services.spec import Resources, load_spec
 from services.train.data import DataError, load_questions
-from services.train.parts import cpu_engine_env, engine_placement, learner_cpu_env
+from services.train.parts import cpu_engine_env, cpu_share, engine_placement, learner_cpu_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,6 +88,29 @@ def test_cpu_engines_run_vllms_engine_core_in_their_own_process(monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the driver's setting wins
     env = engine_placement(config, Resources(num_gpus=0))(0)["runtime_env"]["env_vars"]
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+
+
+def demo_spec(*overrides: str):
+    return load_spec(REPO / "examples" / "arithmetic" / "process.yaml", list(overrides))
+
+
+def test_async_on_cpu_splits_the_cores_and_sync_shares_them(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1, 2, 3})
+    monkeypatch.setattr("services.train.parts.cluster_has_gpus", lambda: False)
+    split = cpu_share(demo_spec("train.mode=async"))
+    assert (split.engine_cores, split.learner_threads, split.split) == ([0, 1], 2, True)
+    assert cpu_share(demo_spec()) == type(split)([0, 1, 2, 3], 4, False)
+    ranks = cpu_share(demo_spec("train.mode=async", "cluster.learner.replicas=2"))
+    assert ranks.engine_cores == [0, 1] and ranks.learner_threads == 1
+    for told in ("rollout.threads=1", "cluster.learner.threads=3", "cluster.learner.num_gpus=1"):
+        assert not cpu_share(demo_spec("train.mode=async", told)).split, told
+    told = cpu_share(demo_spec("train.mode=async", "cluster.learner.threads=3"))
+    assert told.learner_threads == 3
+    options = engine_placement(RolloutConfig(engines=1), Resources(num_gpus=0), split.engine_cores)
+    env = options(0)["runtime_env"]["env_vars"]
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1" and env["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setattr("services.train.parts.cluster_has_gpus", lambda: True)
+    assert not cpu_share(demo_spec("train.mode=async")).split
 
 
 def test_the_learner_spins_briefly_unless_the_driver_says_otherwise(monkeypatch):
