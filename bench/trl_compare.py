@@ -18,7 +18,11 @@ AdamW without weight decay, grad clip 1.0, β = 0.04 with a frozen reference mod
 function (``bench/boxed_reward.py``: the last ``\\boxed{}`` equals the answer), which
 grpo's reward service loads as a custom verifier (``GRPO_REWARD_CUSTOM_VERIFIERS``).
 
-Runs alternate (TRL, grpo, TRL, grpo, ... ``--rounds`` times, ``--steps`` each). Start-up
+grpo runs in ``--mode`` (the demo's, async: on CPU the engines and the learner each take
+half the cores, ``services.train.parts.cpu_share``); in async mode each round also runs
+grpo in sync mode, so the sync ratio stands beside it.
+
+Runs alternate (TRL, grpo, [grpo sync,] TRL, ... ``--rounds`` times, ``--steps`` each). Start-up
 (process start until the first step begins: imports, models, for grpo also Ray and the
 vLLM engine) is timed apart from the steps; steady state is the median step after the
 first ``--warmup`` of each run. Reports completions per second and seconds per step of
@@ -26,7 +30,7 @@ each, their ratio, and each run's per-step mean reward. Writes
 ``bench/results/trl_comparison.json`` and a summary row. Target: ≥ 2× TRL's
 completions/s.
 
-    python bench/trl_compare.py [--steps 6] [--rounds 2] [--warmup 2] [--trl-paged]
+    python bench/trl_compare.py [--steps 6] [--rounds 2] [--warmup 2] [--mode async] [--trl-paged]
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ MODEL = ARITHMETIC / "assets" / "base-model"
 TRAIN = ARITHMETIC / "assets" / "train.jsonl"
 QUESTIONS, GROUP, MAX_TOKENS, LR, BETA = 16, 8, 48, 3e-4, 0.04
 BATCH = QUESTIONS * GROUP
+DEMO_MODE = "async"
+"""``make demo``'s train.mode (the Makefile's ``--set train.mode=async``)."""
 
 GRPO_OVERRIDES = [
     f"train.questions_per_step={QUESTIONS}",
@@ -204,6 +210,7 @@ def run_grpo(steps: int, mode: str) -> dict:
     return {
         "startup_s": round(run.startup_s, 2),
         "startup_breakdown_s": run.placement.get("startup_s", {}),
+        "cpu_share": run.placement.get("cpu_share"),
         "wall_s": round(run.wall_s, 1),
         "teardown_s": round(run.teardown_s, 1),
         "step_s": [round(m["time/step_s"], 3) for m in steps_m],
@@ -238,7 +245,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps of a run left out")
     parser.add_argument("--trl-paged", action="store_true", help="TRL: paged generate_batch")
     parser.add_argument(
-        "--mode", default="sync", choices=("sync", "async"), help="grpo's train.mode (the demo's)"
+        "--mode", default=DEMO_MODE, choices=("sync", "async"), help="grpo's train.mode"
     )
     args = parser.parse_args()
 
@@ -246,19 +253,21 @@ def main() -> None:
     ensure_arithmetic_assets()
     info = machine_info()
     tracker = LoadTracker()
-    trl_runs, grpo_runs, order = [], [], []
+    sides = ("trl", "grpo", "grpo_sync") if args.mode == "async" else ("trl", "grpo")
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    order = []
     for round_index in range(args.rounds):
-        for side in ("trl", "grpo"):
+        for side in sides:
             quiet = wait_for_quiet()
             tracker.sample()
             run = (
                 run_trl(args.steps, args.trl_paged)
                 if side == "trl"
-                else run_grpo(args.steps, args.mode)
+                else run_grpo(args.steps, "sync" if side == "grpo_sync" else args.mode)
             )
             tracker.sample()
             run["round"], run["load"] = round_index, quiet
-            (trl_runs if side == "trl" else grpo_runs).append(run)
+            runs[side].append(run)
             order.append(side)
             print(
                 f"  round {round_index} {side}: start-up {run['startup_s']} s, steps "
@@ -267,6 +276,7 @@ def main() -> None:
                 flush=True,
             )
 
+    trl_runs, grpo_runs = runs["trl"], runs["grpo"]
     trl = steady(trl_runs, args.warmup, "generate_s")
     grpo = steady(grpo_runs, args.warmup, "generate_s")
     paired = [
@@ -274,6 +284,15 @@ def main() -> None:
         for t, g in zip(trl_runs, grpo_runs, strict=True)
     ]
     ratio = round(grpo["completions_per_s"] / trl["completions_per_s"], 2)
+    sync = {}
+    if "grpo_sync" in runs:
+        grpo_sync = steady(runs["grpo_sync"], args.warmup, "generate_s")
+        sync = {
+            "grpo_sync": grpo_sync,
+            "sync_ratio_completions_per_s_grpo_over_trl": round(
+                grpo_sync["completions_per_s"] / trl["completions_per_s"], 2
+            ),
+        }
     load = tracker.summary()
     result = {
         "benchmark": "grpo train vs TRL GRPOTrainer, equal settings, arithmetic task, CPU",
@@ -316,14 +335,12 @@ def main() -> None:
         },
         "mode": args.mode,
         "ratio_completions_per_s_grpo_over_trl": ratio,
+        **sync,
         "per_round_step_s_trl_over_grpo": paired,
         "goal_multiple": 2.0,
         "goal_met": ratio >= 2.0,
-        "runs": {"trl": trl_runs, "grpo": grpo_runs},
-        "reward_curves": {
-            "trl": [r["reward_mean"] for r in trl_runs],
-            "grpo": [r["reward_mean"] for r in grpo_runs],
-        },
+        "runs": runs,
+        "reward_curves": {side: [r["reward_mean"] for r in runs[side]] for side in sides},
         "machine": info,
         "load_during": load,
     }
@@ -333,6 +350,8 @@ def main() -> None:
         f"{trl['completions_per_s']} ({trl['step_s_median']} s/step): x{ratio}; start-up "
         f"{grpo['startup_s_median']} s vs {trl['startup_s_median']} s"
     )
+    if sync:
+        line = f"{args.mode}: {line}; sync x{sync['sync_ratio_completions_per_s_grpo_over_trl']}"
     update_summary("vs TRL GRPOTrainer", line, "≥ 2× completions/s", load_text(load))
     print(f"TRL comparison ({args.rounds}×{args.steps} steps each): {line} -> {out}")
 
