@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(VENV)/bin/grpo arithmetic prepare
-	$(VENV)/bin/grpo train examples/arithmetic/process.yaml --set checkpoint.resume=never
+	$(VENV)/bin/grpo train examples/arithmetic/process.yaml --set checkpoint.resume=never \
+		--set train.mode=async
 
 test: install
 	$(PY) -m pytest
