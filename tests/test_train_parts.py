@@ -231,6 +231,8 @@ def test_sync_mode_submits_each_step_when_asked_and_async_one_step_ahead():
         assert len(sync_pool.submitted) == step
         lagged.next_batch(step, version=step - 1)
         assert len(async_pool.submitted) == min(step + 1, 3)  # never past the last step
+        # a checkpoint after this step resumes before the look-ahead's questions
+        assert async_cursor.resume_state(step) == sync_cursor.resume_state(step)
     # the same groups, ids and dataset order in both modes
     assert sync_pool.submitted == async_pool.submitted
     assert [i.rsplit("-d", 1)[0] for i in sync_pool.submitted[0]] == ["s1-a0-q0", "s1-a0-q1"]

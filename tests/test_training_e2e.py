@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 
 from services.embedded.arithmetic import base_model_dir, dataset_dir
 from services.spec import validate_spec
-from services.train.run import TrainingRun
+from services.train.data import DataCursor
+from services.train.run import TrainingRun, load_spec_questions
 from services.train.run_dir import RunDirectory
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
@@ -278,3 +279,25 @@ def test_async_mode_overlaps_and_drops_rollouts_past_max_staleness(ray_session, 
     completions = 4 * 4  # questions_per_step × group_size
     assert [r["async/stale_dropped"] for r in steps] == [0, completions, 0]
     assert [r["weights_version"] for r in steps] == [1, 1, 2]
+
+
+def test_an_async_run_stopped_and_resumed_trains_every_question_once(ray_session, tmp_path):
+    """Async mode takes step 3's questions while step 2 trains; the checkpoint of a run
+    stopped after step 2 resumes before them, so the resumed run takes them again: the
+    steps' dataset rows are the data order's, each once, with no step lost."""
+    raw = job(tmp_path / "run", train={"steps": 4, "mode": "async"}, data={"eval": None})
+    spec = validate_spec(raw)
+
+    def stop_after_two(step: int, metrics: dict) -> None:
+        stopped.stop_signalled = step == 2  # as SIGTERM does
+
+    stopped = TrainingRun(spec, on_step=stop_after_two)
+    assert stopped.run().status == "cancelled" and stopped.step == 2
+    resumed = TrainingRun(spec).run()
+    assert resumed.status == "succeeded" and [r["step"] for r in resumed.metrics] == [1, 2, 3, 4]
+
+    groups = RunDirectory(resumed.run_dir).read_groups()
+    assert [g["step"] for g in groups] == [step for step in (1, 2, 3, 4) for _ in range(4)]
+    rows = [int(g["group_id"].rsplit("-d", 1)[1]) for g in groups]
+    order = DataCursor(load_spec_questions(spec, spec.data.train), spec.seed).next_batch(16, 1)
+    assert rows == [q.index for q in order]

@@ -155,7 +155,8 @@ def _prompt(text: str, chat: bool, system_prompt: str | None) -> str | list[dict
 
 
 class DataCursor:
-    """Seeded, epoch-wise shuffled batches of questions; resumable from ``state()``."""
+    """Seeded, epoch-wise shuffled batches of questions, taken for a step; resumable from
+    ``resume_state(step)``."""
 
     def __init__(self, questions: list[Question], seed: int) -> None:
         if not questions:
@@ -165,13 +166,16 @@ class DataCursor:
         self.epoch = 0
         self.position = 0
         self._order = self._permutation(0)
+        self._state_before: dict[int, dict[str, int]] = {}
 
     def _permutation(self, epoch: int) -> list[int]:
         order = list(range(len(self.questions)))
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
         return order
 
-    def next_batch(self, size: int) -> list[Question]:
+    def next_batch(self, size: int, step: int) -> list[Question]:
+        """``size`` questions for ``step``."""
+        self._state_before.setdefault(step, self.state())
         batch = []
         while len(batch) < size:
             if self.position == len(self._order):
@@ -184,6 +188,14 @@ class DataCursor:
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
+
+    def resume_state(self, step: int) -> dict[str, int]:
+        """The state a run resumes from after ``step``: the cursor before the questions
+        taken for later steps (async mode takes the next step's while this one trains),
+        so a resumed run takes them again. Forgets what steps up to ``step`` took."""
+        for done in [s for s in self._state_before if s <= step]:
+            del self._state_before[done]
+        return self._state_before[min(self._state_before)] if self._state_before else self.state()
 
     def restore(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -254,7 +254,8 @@ class TrainingRun:
             self.checkpoint()
 
     def checkpoint(self) -> Path:
-        state = {"step": self.step, "weights_version": self.version, "cursor": self.cursor.state()}
+        cursor = self.cursor.resume_state(self.step)
+        state = {"step": self.step, "weights_version": self.version, "cursor": cursor}
 
         def write(tmp: Path) -> None:
             self.parts.learner.save_checkpoint(str(tmp))

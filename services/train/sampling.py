@@ -158,7 +158,7 @@ class SamplingPipeline:
         """The prefetched submission of ``step``, or a new one."""
         if attempt == 0 and self._inflight and self._inflight[0].step == step:
             return self._inflight.popleft()
-        return self._submit(step, self.cursor.next_batch(count), attempt)
+        return self._submit(step, self.cursor.next_batch(count, step), attempt)
 
     def _prefetch(self, step: int) -> None:
         """Keep ``lookahead`` later steps in flight (never past the last step)."""
@@ -167,7 +167,7 @@ class SamplingPipeline:
         for ahead in range(step + 1, last + 1):
             if ahead not in queued:
                 size = self.spec.train.questions_per_step
-                self._inflight.append(self._submit(ahead, self.cursor.next_batch(size), 0))
+                self._inflight.append(self._submit(ahead, self.cursor.next_batch(size, ahead), 0))
 
     def _submit(self, step: int, questions: list[Question], attempt: int) -> _Submission:
         requests = [
