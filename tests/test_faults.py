@@ -80,7 +80,7 @@ def test_every_submitted_group_is_recorded_once_with_its_outcome():
     assert [r["outcome"] for r in rows[1]] == ["trained", "trained"]
     assert [r["outcome"] for r in rows[2]] == ["unscorable", "unscorable"]
     # the ids name the step, refill round, position and the question's dataset row
-    first = pipeline(SplitReward())[0].cursor.next_batch(2)
+    first = pipeline(SplitReward())[0].cursor.next_batch(2, 1)
     assert [r["group_id"] for r in rows[1]] == [
         f"s1-a0-q{i}-d{q.index}" for i, q in enumerate(first)
     ]

@@ -139,12 +139,13 @@ def test_bad_data_names_the_problem(tmp_path):
 def test_cursor_is_seeded_per_epoch_and_resumes_exactly():
     questions = load_like(10)
     straight = DataCursor(questions, seed=3)
-    expected = [q.index for _ in range(4) for q in straight.next_batch(4)]
+    expected = [q.index for step in (1, 2, 3, 4) for q in straight.next_batch(4, step)]
     first = DataCursor(questions, seed=3)
-    got = [q.index for _ in range(2) for q in first.next_batch(4)]
+    got = [q.index for step in (1, 2) for q in first.next_batch(4, step)]
+    first.next_batch(4, 3)  # async look-ahead: taken while step 2 trains, then stopped
     resumed = DataCursor(questions, seed=3)
-    resumed.restore(first.state())
-    got += [q.index for _ in range(2) for q in resumed.next_batch(4)]
+    resumed.restore(first.resume_state(2))
+    got += [q.index for step in (3, 4) for q in resumed.next_batch(4, step)]
     assert got == expected
     assert sorted(expected[:10]) == list(range(10))  # an epoch is a permutation
 
