@@ -150,9 +150,10 @@ def cpu_share(spec: JobSpec) -> CpuShare:
     """In sync mode the engines and the learner take turns, so each may use every core.
     In async mode they run at once; on CPU, unless ``rollout.threads`` or
     ``cluster.learner.threads`` is set, the engines then take the first half of the
-    cores and the learner ranks share the rest. Measured on the demo (2 cores,
-    bench/step_breakdown.py): async 1.76 s a step on shared cores, 1.57 s split; sync
-    1.98 s (and 2.49 s split, which is why sync keeps every core)."""
+    cores and the learner ranks share the rest. Measured on the demo (2 cores of an
+    Intel Xeon, bench/step_breakdown.py): async 1.76 s a step on shared cores, 1.57 s
+    split; sync 1.98 s (and 2.49 s split, which is why sync keeps every core). On an
+    AMD EPYC (bench/trl_compare.py's settings): async split 2.10 s, sync 2.84 s."""
     cores = sorted(os.sched_getaffinity(0))
     learner = spec.cluster.learner
     split = (
